@@ -1,0 +1,648 @@
+//! PostgreSQL backend (plain PostgreSQL ≥ 13 or Supabase).
+//!
+//! User-scoped statements run on a transaction opened by [`begin_user`], which switches to the
+//! `authenticated` role and sets the JWT claims that `auth.uid()` reads, so Row Level Security
+//! filters them. Service statements run as the connecting user (the tables' owner), which RLS
+//! does not restrict.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, EncryptedCredentials,
+    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
+    StoredSecrets, UserContext, decode_error, placeholder_email,
+};
+use crate::domain::{ApiKeyHint, ConnectionId, Permissions, UserId};
+
+/// The columns [`connection_from_row`] reads, for `SELECT` and `RETURNING`.
+macro_rules! connection_columns {
+    () => {
+        "id, user_id, exchange, nickname, status, status_message, last_checked_at, \
+         last_latency_ms, consecutive_failures, features, permissions, api_key_hint, \
+         session_expires_at, is_active, created_at, updated_at, credentials_version"
+    };
+}
+
+macro_rules! audit_columns {
+    () => {
+        "id, connection_id, action, host(ip_address) AS ip_address, user_agent, details, created_at"
+    };
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct PgStore {
+    pub(super) pool: PgPool,
+}
+
+fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Connect { backend: Backend::Postgres, source: Box::new(err) }
+}
+
+impl PgStore {
+    pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .application_name("tradeeon");
+        // One direct attempt first: a pool that cannot connect only says "timed out", which hides
+        // the cause a user needs (refused, authentication failed, no such database).
+        let probe = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| connect_error(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s")))?
+            .map_err(connect_error)?;
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        Ok(Self { pool })
+    }
+
+    pub(super) async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(super) async fn migrate(&self) -> Result<()> {
+        apalis_postgres::PostgresStorage::setup(&self.pool).await.map_err(|e| {
+            StoreError::Migrate { what: "job queue (apalis)", source: Box::new(e) }
+        })?;
+        let mut migrator = sqlx::migrate!("../migrations/postgres");
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })
+    }
+
+    pub(super) async fn ensure_user(&self, user: &UserContext) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        // On Supabase the auth row always exists (the JWT came from it) and auth.users belongs
+        // to Supabase: only write it when it is missing, i.e. on plain PostgreSQL.
+        let auth_row_exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1)")
+                .bind(user.user_id.0)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !auth_row_exists {
+            sqlx::query(
+                "INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(user.user_id.0)
+            .bind(user.email.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO public.users (id, email) VALUES ($1, COALESCE($2, $3))
+             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, updated_at = now()
+             WHERE $2::text IS NOT NULL AND users.email IS DISTINCT FROM $2::text",
+        )
+        .bind(user.user_id.0)
+        .bind(user.email.as_deref())
+        .bind(placeholder_email(user.user_id))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn list_connections(&self, user: &UserContext) -> Result<Vec<ConnectionRecord>> {
+        let mut tx = begin_user(&self.pool, user).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            connection_columns!(),
+            " FROM public.exchange_keys WHERE user_id = $1 AND is_active
+              ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(user.user_id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(connection_from_row).collect()
+    }
+
+    pub(super) async fn get_connection(
+        &self,
+        user: &UserContext,
+        id: ConnectionId,
+    ) -> Result<Option<ConnectionRecord>> {
+        let mut tx = begin_user(&self.pool, user).await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            connection_columns!(),
+            " FROM public.exchange_keys WHERE id = $1 AND user_id = $2 AND is_active"
+        ))
+        .bind(id.0)
+        .bind(user.user_id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.as_ref().map(connection_from_row).transpose()
+    }
+
+    pub(super) async fn list_audit(
+        &self,
+        user: &UserContext,
+        limit: i64,
+        before: Option<AuditCursor>,
+    ) -> Result<Vec<AuditEntry>> {
+        let mut tx = begin_user(&self.pool, user).await?;
+        let rows = match before {
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM public.connection_audit_log WHERE user_id = $1
+                      ORDER BY created_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(user.user_id.0)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            Some(cursor) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM public.connection_audit_log
+                      WHERE user_id = $1 AND (created_at, id) < ($2, $3)
+                      ORDER BY created_at DESC, id DESC LIMIT $4"
+                ))
+                .bind(user.user_id.0)
+                .bind(cursor.created_at)
+                .bind(cursor.id)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        tx.commit().await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    pub(super) async fn list_health_history(
+        &self,
+        user: &UserContext,
+        id: ConnectionId,
+        limit: i64,
+    ) -> Result<Vec<HealthRecord>> {
+        let mut tx = begin_user(&self.pool, user).await?;
+        let rows = sqlx::query(
+            "SELECT h.connection_id, h.checked_at, h.status, h.code, h.latency_ms, h.message
+             FROM public.connection_health_history h
+             JOIN public.exchange_keys k ON k.id = h.connection_id
+             WHERE h.connection_id = $1 AND k.user_id = $2
+             ORDER BY h.checked_at DESC, h.id DESC LIMIT $3",
+        )
+        .bind(id.0)
+        .bind(user.user_id.0)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(health_from_row).collect()
+    }
+
+    pub(super) async fn load_credentials(
+        &self,
+        id: ConnectionId,
+    ) -> Result<Option<(ConnectionRecord, EncryptedCredentials, i32)>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            connection_columns!(),
+            ", api_key_encrypted, api_secret_encrypted, passphrase_encrypted
+             FROM public.exchange_keys WHERE id = $1 AND is_active"
+        ))
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let record = connection_from_row(&row)?;
+        let credentials = EncryptedCredentials {
+            api_key: row.try_get("api_key_encrypted")?,
+            api_secret: row.try_get("api_secret_encrypted")?,
+            passphrase: row.try_get("passphrase_encrypted")?,
+        };
+        let version = record.credentials_version;
+        Ok(Some((record, credentials, version)))
+    }
+
+    pub(super) async fn swap_credentials(
+        &self,
+        id: ConnectionId,
+        expected_version: i32,
+        new: &EncryptedCredentials,
+        api_key_hint: &ApiKeyHint,
+        audit: AuditEntryInput,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let swapped = sqlx::query(
+            "UPDATE public.exchange_keys SET
+                 api_key_encrypted = $3, api_secret_encrypted = $4, passphrase_encrypted = $5,
+                 api_key_hint = $6, credentials_version = credentials_version + 1,
+                 access_token_encrypted = NULL, session_expires_at = NULL, updated_at = now()
+             WHERE id = $1 AND credentials_version = $2 AND is_active",
+        )
+        .bind(id.0)
+        .bind(expected_version)
+        .bind(&new.api_key)
+        .bind(&new.api_secret)
+        .bind(new.passphrase.as_deref())
+        .bind(api_key_hint.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !swapped {
+            return Ok(false); // dropping `tx` rolls back (nothing was written)
+        }
+        insert_connection_audit(&mut tx, id, &audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
+        let permissions = update.permissions.map(permissions_json);
+        let updated = sqlx::query(
+            "UPDATE public.exchange_keys SET
+                 status = $2, status_message = $3, last_latency_ms = $4,
+                 permissions = COALESCE($5, permissions), consecutive_failures = $6,
+                 last_checked_at = $7
+             WHERE id = $1 AND is_active",
+        )
+        .bind(id.0)
+        .bind(update.status.as_str())
+        .bind(update.status_message.as_deref())
+        .bind(update.latency_ms)
+        .bind(permissions)
+        .bind(update.consecutive_failures)
+        .bind(update.checked_at)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    pub(super) async fn insert_connection_audit(
+        &self,
+        id: ConnectionId,
+        audit: AuditEntryInput,
+    ) -> Result<AuditEntry> {
+        let mut conn = self.pool.acquire().await?;
+        insert_connection_audit(&mut conn, id, &audit).await
+    }
+
+    pub(super) async fn store_session(
+        &self,
+        id: ConnectionId,
+        access_token: &str,
+        expires_at: DateTime<Utc>,
+        audit: Option<AuditEntryInput>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let stored = sqlx::query(
+            "UPDATE public.exchange_keys SET access_token_encrypted = $2, session_expires_at = $3
+             WHERE id = $1 AND is_active",
+        )
+        .bind(id.0)
+        .bind(access_token)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !stored {
+            return Ok(false);
+        }
+        if let Some(audit) = audit {
+            insert_connection_audit(&mut tx, id, &audit).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn load_access_token(&self, id: ConnectionId) -> Result<Option<String>> {
+        let token: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT access_token_encrypted FROM public.exchange_keys WHERE id = $1 AND is_active",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(token.flatten())
+    }
+
+    pub(super) async fn list_active_connection_ids(
+        &self,
+        limit: i64,
+        after: Option<ConnectionId>,
+    ) -> Result<Vec<ConnectionId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM public.exchange_keys
+             WHERE is_active AND ($1::uuid IS NULL OR id > $1)
+             ORDER BY id LIMIT $2",
+        )
+        .bind(after.map(|a| a.0))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(ConnectionId).collect())
+    }
+
+    pub(super) async fn record_health(&self, record: &HealthRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO public.connection_health_history
+                 (connection_id, checked_at, status, code, latency_ms, message)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(record.connection_id.0)
+        .bind(record.checked_at)
+        .bind(record.status.as_str())
+        .bind(record.code.as_deref())
+        .bind(record.latency_ms)
+        .bind(record.message.as_deref())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let deleted =
+            sqlx::query("DELETE FROM public.connection_health_history WHERE checked_at < $1")
+                .bind(older_than)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(deleted)
+    }
+
+    pub(super) async fn list_encrypted_secrets(
+        &self,
+        after: Option<ConnectionId>,
+        limit: i64,
+    ) -> Result<Vec<StoredSecrets>> {
+        let rows = sqlx::query(
+            "SELECT id, credentials_version, api_key_encrypted, api_secret_encrypted,
+                    passphrase_encrypted, access_token_encrypted
+             FROM public.exchange_keys
+             WHERE (api_key_encrypted <> '' OR api_secret_encrypted <> ''
+                    OR passphrase_encrypted IS NOT NULL OR access_token_encrypted IS NOT NULL)
+               AND ($1::uuid IS NULL OR id > $1)
+             ORDER BY id LIMIT $2",
+        )
+        .bind(after.map(|a| a.0))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredSecrets {
+                    id: ConnectionId(row.try_get("id")?),
+                    credentials_version: row.try_get("credentials_version")?,
+                    credentials: EncryptedCredentials {
+                        api_key: row.try_get("api_key_encrypted")?,
+                        api_secret: row.try_get("api_secret_encrypted")?,
+                        passphrase: row.try_get("passphrase_encrypted")?,
+                    },
+                    access_token: row.try_get("access_token_encrypted")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn replace_encrypted_secrets(
+        &self,
+        previous: &StoredSecrets,
+        new: &EncryptedCredentials,
+        new_access_token: Option<&str>,
+    ) -> Result<bool> {
+        let replaced = sqlx::query(
+            "UPDATE public.exchange_keys SET
+                 api_key_encrypted = $7, api_secret_encrypted = $8, passphrase_encrypted = $9,
+                 access_token_encrypted = $10
+             WHERE id = $1 AND credentials_version = $2
+               AND api_key_encrypted = $3 AND api_secret_encrypted = $4
+               AND passphrase_encrypted IS NOT DISTINCT FROM $5
+               AND access_token_encrypted IS NOT DISTINCT FROM $6",
+        )
+        .bind(previous.id.0)
+        .bind(previous.credentials_version)
+        .bind(&previous.credentials.api_key)
+        .bind(&previous.credentials.api_secret)
+        .bind(previous.credentials.passphrase.as_deref())
+        .bind(previous.access_token.as_deref())
+        .bind(&new.api_key)
+        .bind(&new.api_secret)
+        .bind(new.passphrase.as_deref())
+        .bind(new_access_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(replaced == 1)
+    }
+}
+
+/// Begins a transaction in which Row Level Security applies to `user`: the role becomes
+/// `authenticated` and `request.jwt.claims` holds the claims Supabase would set, which is what
+/// `auth.uid()` reads. `set_config(.., true)` is `SET LOCAL` (what PostgREST does), so both end
+/// with the transaction and a pooled connection never leaks them into the next use.
+pub(super) async fn begin_user(
+    pool: &PgPool,
+    user: &UserContext,
+) -> Result<Transaction<'static, Postgres>> {
+    let claims = serde_json::json!({
+        "sub": user.user_id.0,
+        "role": "authenticated",
+        "email": user.email,
+    });
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "SELECT set_config('role', 'authenticated', true),
+                set_config('request.jwt.claims', $1, true)",
+    )
+    .bind(claims.to_string())
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
+}
+
+/// Ends the user scope inside an open transaction: back to the session's own role, no claims.
+pub(super) async fn leave_user_scope(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("RESET ROLE").execute(&mut *conn).await?;
+    sqlx::query("SELECT set_config('request.jwt.claims', '', true)")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn upsert_connection(
+    conn: &mut PgConnection,
+    user: &UserContext,
+    new: &NewConnection,
+) -> Result<ConnectionRecord> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO public.exchange_keys
+             (user_id, exchange, api_key_encrypted, api_secret_encrypted, passphrase_encrypted,
+              nickname, api_key_hint)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (user_id, exchange) DO UPDATE SET
+             api_key_encrypted = EXCLUDED.api_key_encrypted,
+             api_secret_encrypted = EXCLUDED.api_secret_encrypted,
+             passphrase_encrypted = EXCLUDED.passphrase_encrypted,
+             api_key_hint = EXCLUDED.api_key_hint,
+             nickname = COALESCE(EXCLUDED.nickname, exchange_keys.nickname),
+             status = 'pending', status_message = NULL, last_checked_at = NULL,
+             last_latency_ms = NULL, consecutive_failures = 0, permissions = '{}',
+             is_active = true, access_token_encrypted = NULL, session_expires_at = NULL,
+             credentials_version = exchange_keys.credentials_version + 1,
+             updated_at = now()
+         RETURNING ",
+        connection_columns!()
+    ))
+    .bind(user.user_id.0)
+    .bind(new.exchange.as_str())
+    .bind(&new.credentials.api_key)
+    .bind(&new.credentials.api_secret)
+    .bind(new.credentials.passphrase.as_deref())
+    .bind(new.nickname.as_deref())
+    .bind(new.api_key_hint.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    connection_from_row(&row)
+}
+
+/// Soft-deletes and wipes the user's active connection; `false` if there is none to revoke.
+pub(super) async fn revoke_connection(
+    conn: &mut PgConnection,
+    user: &UserContext,
+    id: ConnectionId,
+) -> Result<bool> {
+    let revoked = sqlx::query(
+        "UPDATE public.exchange_keys SET
+             is_active = false, api_key_encrypted = '', api_secret_encrypted = '',
+             passphrase_encrypted = NULL, access_token_encrypted = NULL,
+             session_expires_at = NULL, updated_at = now()
+         WHERE id = $1 AND user_id = $2 AND is_active",
+    )
+    .bind(id.0)
+    .bind(user.user_id.0)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(revoked == 1)
+}
+
+/// Writes an audit row for `user_id`; a `connection_id` that is not theirs writes nothing and
+/// yields NotFound (the RLS insert policy would reject it too, with a less useful error).
+pub(super) async fn insert_audit(
+    conn: &mut PgConnection,
+    user_id: UserId,
+    audit: &AuditEntryInput,
+) -> Result<AuditEntry> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO public.connection_audit_log
+             (connection_id, user_id, action, ip_address, user_agent, details)
+         SELECT $1, $2, $3, $4::inet, $5, $6
+         WHERE $1::uuid IS NULL
+            OR EXISTS (SELECT 1 FROM public.exchange_keys WHERE id = $1 AND user_id = $2)
+         RETURNING ",
+        audit_columns!()
+    ))
+    .bind(audit.connection_id.map(|c| c.0))
+    .bind(user_id.0)
+    .bind(audit.action.as_str())
+    .bind(audit.ip_address.map(|ip| ip.to_string()))
+    .bind(audit.user_agent.as_deref())
+    .bind(details_json(&audit.details))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(audit_from_row).transpose()?.ok_or(StoreError::NotFound)
+}
+
+/// Service path: an audit row for connection `id`, owned by the connection's user.
+async fn insert_connection_audit(
+    conn: &mut PgConnection,
+    id: ConnectionId,
+    audit: &AuditEntryInput,
+) -> Result<AuditEntry> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO public.connection_audit_log
+             (connection_id, user_id, action, ip_address, user_agent, details)
+         SELECT k.id, k.user_id, $2, $3::inet, $4, $5
+         FROM public.exchange_keys k WHERE k.id = $1
+         RETURNING ",
+        audit_columns!()
+    ))
+    .bind(id.0)
+    .bind(audit.action.as_str())
+    .bind(audit.ip_address.map(|ip| ip.to_string()))
+    .bind(audit.user_agent.as_deref())
+    .bind(details_json(&audit.details))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(audit_from_row).transpose()?.ok_or(StoreError::NotFound)
+}
+
+fn details_json(details: &Value) -> Option<&Value> {
+    (!details.is_null()).then_some(details)
+}
+
+fn permissions_json(permissions: Permissions) -> Value {
+    serde_json::to_value(permissions).unwrap_or_else(|_| Value::Object(Default::default()))
+}
+
+fn connection_from_row(row: &PgRow) -> Result<ConnectionRecord> {
+    Ok(ConnectionRecord {
+        id: ConnectionId(row.try_get("id")?),
+        user_id: UserId(row.try_get("user_id")?),
+        exchange: super::parse_column("exchange", &row.try_get::<String, _>("exchange")?)?,
+        nickname: row.try_get("nickname")?,
+        status: super::parse_column("status", &row.try_get::<String, _>("status")?)?,
+        status_message: row.try_get("status_message")?,
+        last_checked_at: row.try_get("last_checked_at")?,
+        last_latency_ms: row.try_get("last_latency_ms")?,
+        consecutive_failures: row.try_get("consecutive_failures")?,
+        features: super::features_from_json(row.try_get("features")?)?,
+        permissions: super::permissions_from_json(row.try_get("permissions")?)?,
+        api_key_hint: row.try_get::<Option<String>, _>("api_key_hint")?.map(ApiKeyHint::from_stored),
+        session_expires_at: row.try_get("session_expires_at")?,
+        is_active: row.try_get("is_active")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        credentials_version: row.try_get("credentials_version")?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> Result<AuditEntry> {
+    let ip: Option<String> = row.try_get("ip_address")?;
+    Ok(AuditEntry {
+        id: row.try_get("id")?,
+        connection_id: row.try_get::<Option<Uuid>, _>("connection_id")?.map(ConnectionId),
+        action: super::parse_column("action", &row.try_get::<String, _>("action")?)?,
+        ip_address: ip
+            .map(|ip| ip.parse().map_err(|e| decode_error("ip_address", e)))
+            .transpose()?,
+        user_agent: row.try_get("user_agent")?,
+        details: row.try_get::<Option<Value>, _>("details")?.unwrap_or(Value::Null),
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn health_from_row(row: &PgRow) -> Result<HealthRecord> {
+    Ok(HealthRecord {
+        connection_id: ConnectionId(row.try_get("connection_id")?),
+        checked_at: row.try_get("checked_at")?,
+        status: super::parse_column("status", &row.try_get::<String, _>("status")?)?,
+        code: row.try_get("code")?,
+        latency_ms: row.try_get("latency_ms")?,
+        message: row.try_get("message")?,
+    })
+}

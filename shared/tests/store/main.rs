@@ -1,0 +1,19 @@
+//! Contract suite for `tradeeon_shared::store`: every case runs against PostgreSQL and SQLite,
+//! each on a database of its own (see `harness`). PostgreSQL-only cases check Row Level
+//! Security and the Supabase compatibility of the migrations.
+//!
+//! Run: `cargo test -p tradeeon-shared --test store` (needs PostgreSQL at
+//! `TEST_DATABASE_ADMIN_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+#[macro_use]
+mod harness;
+
+mod audit;
+mod connect;
+mod connections;
+mod rewrap;
+mod rewrap_command;
+mod rls;
+mod service;
+mod setup;
+mod users;

@@ -1,0 +1,233 @@
+//! Worker-side methods: rotation CAS, status, health history, sweeps, sessions.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use tradeeon_shared::domain::{
+    ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions,
+};
+use tradeeon_shared::store::{AuditEntryInput, HealthRecord, StatusUpdate, Store, StoreError};
+
+use crate::harness::{creds, new_connection, user};
+
+/// Whole seconds, so both backends store the value exactly.
+fn at(secs_ago: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(Utc::now().timestamp() - secs_ago, 0).unwrap()
+}
+
+async fn swap_credentials_is_compare_and_swap(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Kraken, "old"), None)
+        .await
+        .unwrap();
+    store.store_session(conn.id, "gAAAA-token".into(), at(0), None).await.unwrap();
+    let (record, current, version) = store.load_credentials(conn.id).await.unwrap().unwrap();
+    assert_eq!(record, store.get_connection(&alice, conn.id).await.unwrap().unwrap());
+    assert_eq!(current, creds("old"));
+    assert_eq!(version, 1);
+
+    let hint = ApiKeyHint::from_api_key("brand-new-key-NEW1");
+    let rotate = || AuditEntryInput::new(AuditAction::Rotated);
+    assert!(store.swap_credentials(conn.id, version, creds("new"), hint.clone(), rotate()).await.unwrap());
+    let (record, current, version2) = store.load_credentials(conn.id).await.unwrap().unwrap();
+    assert_eq!(current, creds("new"));
+    assert_eq!(version2, 2);
+    assert_eq!(record.api_key_hint, Some(hint.clone()));
+    assert_eq!(record.session_expires_at, None, "a new key drops the old session");
+    assert_eq!(store.load_access_token(conn.id).await.unwrap(), None);
+
+    // The retried job carries the old version: nothing changes, no second audit row.
+    assert!(!store.swap_credentials(conn.id, version, creds("newer"), hint.clone(), rotate()).await.unwrap());
+    assert_eq!(store.load_credentials(conn.id).await.unwrap().unwrap().1, creds("new"));
+    let log = store.list_audit(&alice, 10, None).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].action, AuditAction::Rotated);
+    assert_eq!(log[0].connection_id, Some(conn.id));
+
+    // Revoked or unknown connections are never swapped.
+    store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+    assert!(!store.swap_credentials(conn.id, version2, creds("x"), hint.clone(), rotate()).await.unwrap());
+    assert!(!store.swap_credentials(ConnectionId::new_random(), 1, creds("x"), hint, rotate()).await.unwrap());
+}
+
+async fn update_status_records_a_check(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Binance, "s"), None)
+        .await
+        .unwrap();
+    let permissions = Permissions { read: true, trade: true, withdraw: false, ip_restricted: true };
+    let checked_at = at(5);
+    assert!(store
+        .update_status(
+            conn.id,
+            StatusUpdate {
+                status: ConnectionStatus::Connected,
+                status_message: None,
+                latency_ms: Some(123),
+                permissions: Some(permissions),
+                consecutive_failures: 0,
+                checked_at,
+            },
+        )
+        .await
+        .unwrap());
+    let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
+    assert_eq!(record.status, ConnectionStatus::Connected);
+    assert_eq!(record.last_latency_ms, Some(123));
+    assert_eq!(record.last_checked_at, Some(checked_at));
+    assert_eq!(record.permissions, Some(permissions));
+    assert_eq!(record.updated_at, conn.updated_at, "a check is not a user change");
+
+    // A failed check without permission info keeps the last known permissions.
+    assert!(store
+        .update_status(
+            conn.id,
+            StatusUpdate {
+                status: ConnectionStatus::Degraded,
+                status_message: Some("timeout".into()),
+                latency_ms: None,
+                permissions: None,
+                consecutive_failures: 2,
+                checked_at: at(1),
+            },
+        )
+        .await
+        .unwrap());
+    let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
+    assert_eq!(record.status, ConnectionStatus::Degraded);
+    assert_eq!(record.status_message.as_deref(), Some("timeout"));
+    assert_eq!(record.last_latency_ms, None);
+    assert_eq!(record.consecutive_failures, 2);
+    assert_eq!(record.permissions, Some(permissions));
+
+    store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+    let update = StatusUpdate {
+        status: ConnectionStatus::Connected,
+        status_message: None,
+        latency_ms: None,
+        permissions: None,
+        consecutive_failures: 0,
+        checked_at: at(0),
+    };
+    assert!(!store.update_status(conn.id, update.clone()).await.unwrap(), "revoked");
+    assert!(!store.update_status(ConnectionId::new_random(), update).await.unwrap(), "unknown");
+}
+
+async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
+    let alice = user(&store).await;
+    let bob = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Coinbase, "h"), None)
+        .await
+        .unwrap();
+    let record = |secs_ago: i64, status| HealthRecord {
+        connection_id: conn.id,
+        checked_at: at(secs_ago),
+        status,
+        code: Some("ok".into()),
+        latency_ms: Some(10),
+        message: None,
+    };
+    let day = 86_400;
+    let old = record(10 * day, ConnectionStatus::Error);
+    let recent = record(2 * day, ConnectionStatus::Degraded);
+    let newest = record(3600, ConnectionStatus::Connected);
+    for r in [&recent, &old, &newest] {
+        store.record_health(r.clone()).await.unwrap();
+    }
+    assert_eq!(
+        store.list_health_history(&alice, conn.id, 10).await.unwrap(),
+        vec![newest.clone(), recent.clone(), old.clone()]
+    );
+    assert!(store.list_health_history(&bob, conn.id, 10).await.unwrap().is_empty(), "not bob's");
+
+    assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 1);
+    assert_eq!(
+        store.list_health_history(&alice, conn.id, 10).await.unwrap(),
+        vec![newest.clone(), recent]
+    );
+    assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 0);
+    assert_eq!(store.list_health_history(&alice, conn.id, 1).await.unwrap(), vec![newest]);
+}
+
+async fn active_connection_ids_page_in_id_order(store: Store) {
+    let mut active = Vec::new();
+    let mut revoked = None;
+    for _ in 0..2 {
+        let u = user(&store).await;
+        for exchange in [Exchange::Binance, Exchange::Coinbase, Exchange::Kraken] {
+            let c = store.upsert_connection(&u, new_connection(exchange, "p"), None).await.unwrap();
+            if revoked.is_none() {
+                store.revoke_connection(&u, c.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+                revoked = Some(c.id);
+            } else {
+                active.push(c.id);
+            }
+        }
+    }
+    active.sort();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_active_connection_ids(2, after).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last().copied() else { break };
+        after = Some(last);
+        seen.extend(page);
+    }
+    assert_eq!(seen, active);
+}
+
+async fn sessions_are_stored_audited_and_cleared_by_new_keys(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "z"), None)
+        .await
+        .unwrap();
+    let expires = at(-6 * 3600);
+    assert!(store
+        .store_session(conn.id, "gAAAA-access".into(), expires, Some(AuditEntryInput::new(AuditAction::SessionCreated)))
+        .await
+        .unwrap());
+    assert_eq!(store.load_access_token(conn.id).await.unwrap().as_deref(), Some("gAAAA-access"));
+    let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
+    assert_eq!(record.session_expires_at, Some(expires));
+    let log = store.list_audit(&alice, 10, None).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].action, log[0].connection_id), (AuditAction::SessionCreated, Some(conn.id)));
+
+    store.upsert_connection(&alice, new_connection(Exchange::Zerodha, "z2"), None).await.unwrap();
+    assert_eq!(store.load_access_token(conn.id).await.unwrap(), None);
+    assert!(!store.store_session(ConnectionId::new_random(), "t".into(), expires, None).await.unwrap());
+}
+
+async fn worker_audit_rows_belong_to_the_connection_owner(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Binance, "w"), None)
+        .await
+        .unwrap();
+    let entry = store
+        .insert_connection_audit(
+            conn.id,
+            AuditEntryInput { details: serde_json::json!({"code": "invalid_credentials"}), ..AuditEntryInput::new(AuditAction::RotateFailed) },
+        )
+        .await
+        .unwrap();
+    assert_eq!(entry.connection_id, Some(conn.id));
+    assert_eq!(store.list_audit(&alice, 10, None).await.unwrap(), vec![entry]);
+    let err = store
+        .insert_connection_audit(ConnectionId::new_random(), AuditEntryInput::new(AuditAction::Tested))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+}
+
+contract!(
+    swap_credentials_is_compare_and_swap,
+    update_status_records_a_check,
+    health_history_is_recorded_and_pruned_by_age,
+    active_connection_ids_page_in_id_order,
+    sessions_are_stored_audited_and_cleared_by_new_keys,
+    worker_audit_rows_belong_to_the_connection_owner,
+);

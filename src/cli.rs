@@ -1,0 +1,264 @@
+//! The command line: parses arguments, loads configuration, wires the crates together.
+//!
+//! User errors (bad arguments, bad configuration, unreachable database) print one line and exit
+//! non-zero; they are not panics and carry no backtrace.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tradeeon_shared::config::Config;
+use tradeeon_shared::encryption_key::{self, KeySource, MissingKey};
+use tradeeon_shared::store::Store;
+use tradeeon_shared::vault::Keyring;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tradeeon",
+    version,
+    about = "Tradeeon Connect: connect exchange accounts by API key, keep the keys encrypted, prove they work.",
+    long_about = "Tradeeon Connect: connect exchange accounts by API key, keep the keys encrypted, prove they work.\n\n\
+        Configuration comes from environment variables (and a .env file in the working directory); \
+        see the README for the full list. With no subcommand, `serve` runs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the API, the workers and the scheduler in one process (the default).
+    Serve,
+    /// Run only the HTTP API (scale-out: many behind a load balancer, one shared database).
+    Api,
+    /// Run only the workers and the scheduler (scale-out: many on one shared database).
+    Worker,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print a new Fernet key for ENCRYPTION_KEY.
+    Keygen,
+    /// Re-encrypt every stored secret under the primary (first) ENCRYPTION_KEY.
+    Rewrap,
+    /// Run the exchange simulator (fake Binance, Coinbase, Kraken and Zerodha on loopback).
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// First of five consecutive ports (Binance, Coinbase Advanced Trade, Coinbase Exchange,
+        /// Kraken, Kite); 0 picks free ports.
+        #[arg(long, default_value_t = 9001)]
+        port: u16,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return argument_error(err),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(anyhow::Error::from(err).context("could not start the async runtime")),
+    };
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(err),
+    }
+}
+
+/// Help and version go to stdout with success; anything else becomes one line on stderr.
+fn argument_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    let rendered = err.render().to_string();
+    let first_line = rendered.lines().next().unwrap_or("invalid arguments");
+    eprintln!("{first_line} (see `tradeeon --help`)");
+    ExitCode::from(2)
+}
+
+fn fail(err: anyhow::Error) -> ExitCode {
+    eprintln!("error: {}", one_line(&err));
+    ExitCode::FAILURE
+}
+
+/// The whole cause chain on one line. Some errors repeat their source in their own message
+/// (I/O errors do); those repeats are dropped.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if out.ends_with(&message) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(message.lines().next().unwrap_or_default());
+    }
+    out
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    if let Command::Keygen = command {
+        println!("{}", Keyring::generate_key());
+        return Ok(());
+    }
+    load_dotenv()?;
+    let config = Config::from_env()?;
+    tradeeon_shared::telemetry::init(config.log.format);
+
+    match command {
+        Command::Keygen => unreachable!("handled above"),
+        Command::Serve => serve(config, Role::Both).await,
+        Command::Api => serve(config, Role::Api).await,
+        Command::Worker => serve(config, Role::Worker).await,
+        Command::Migrate => {
+            let store = connect(&config).await?;
+            store.migrate().await.context("migration failed")?;
+            println!("migrations applied ({})", store.backend());
+            Ok(())
+        }
+        Command::Rewrap => {
+            let keyring = load_keyring(&config, MissingKey::Fail)?;
+            let store = connect(&config).await?;
+            let report = tradeeon_shared::rewrap::rewrap_all(&store, &keyring).await?;
+            println!("{report}");
+            if report.undecryptable > 0 {
+                anyhow::bail!(
+                    "{} connection(s) hold secrets that no ENCRYPTION_KEY decrypts; keep the old key in the list",
+                    report.undecryptable
+                );
+            }
+            Ok(())
+        }
+        Command::Simulate { host, port } => simulate(host, port).await,
+    }
+}
+
+/// A missing `.env` is normal; a malformed one is a user error worth stopping for.
+fn load_dotenv() -> anyhow::Result<()> {
+    match dotenvy::dotenv() {
+        Ok(_) => Ok(()),
+        Err(err) if err.not_found() => Ok(()),
+        Err(err) => Err(anyhow::Error::from(err).context("could not read .env")),
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<Store> {
+    use secrecy::ExposeSecret;
+    Store::connect(config.database.url.expose_secret(), config.database.max_connections)
+        .await
+        .context("could not open the database named by DATABASE_URL")
+}
+
+fn load_keyring(config: &Config, missing: MissingKey) -> anyhow::Result<Keyring> {
+    let (keyring, source) = encryption_key::load_keyring(&config.vault, &config.database, missing)?;
+    match source {
+        KeySource::GeneratedFile(path) => tracing::warn!(
+            path = %path.display(),
+            "ENCRYPTION_KEY is not set: generated a new key into this file. Back it up — without it the stored \
+             credentials cannot be decrypted — and set ENCRYPTION_KEY in production."
+        ),
+        KeySource::ExistingFile(path) => {
+            tracing::info!(path = %path.display(), "using the encryption key from the key file")
+        }
+        KeySource::Environment => tracing::debug!(keys = keyring.len(), "using ENCRYPTION_KEY"),
+    }
+    Ok(keyring)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Api,
+    Worker,
+    Both,
+}
+
+async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+    // Keys first: a bad ENCRYPTION_KEY should stop the process before it touches the database.
+    // Only the single-process default may invent a key: separate api/worker processes must all
+    // use the same one, so they fail instead.
+    let missing = if role == Role::Both { MissingKey::Generate } else { MissingKey::Fail };
+    let keyring = Arc::new(load_keyring(&config, missing)?);
+    let store = connect(&config).await?;
+    if config.database.migrate_on_start {
+        store.migrate().await.context("migration failed")?;
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+        let _ = stop_tx.send(true);
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if role != Role::Worker {
+        let address = std::net::SocketAddr::new(config.http.host, config.http.port);
+        let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;
+        tracing::info!("API listening on http://{}", listener.local_addr()?);
+        let state = tradeeon_api::AppState { store: store.clone(), keyring: keyring.clone() };
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { tradeeon_api::run(listener, state, stop).await.context("API server failed") });
+    }
+    if role != Role::Api {
+        let ctx = tradeeon_worker::WorkerContext { store: store.clone(), keyring: keyring.clone() };
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { tradeeon_worker::run(ctx, stop).await.context("worker failed") });
+    }
+    // The first part to finish (normally on shutdown) ends the process; a failure in one part
+    // stops the others rather than leaving a half-working process behind.
+    while let Some(result) = tasks.join_next().await {
+        result.context("a task panicked")??;
+    }
+    Ok(())
+}
+
+async fn simulate(host: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
+    use tradeeon_simulator::{SimState, Simulator};
+    let state = Arc::new(SimState::seeded());
+    let simulator = Simulator::start_on(state.clone(), host, port)
+        .await
+        .with_context(|| format!("could not start the simulator on {host}:{port}"))?;
+    println!("Exchange simulator running. Point the service at it with:\n");
+    for (variable, value) in simulator.urls.as_env() {
+        println!("  export {variable}={value}");
+    }
+    println!("\nSeeded test keys:\n{}", state.test_keys_summary());
+    shutdown_signal().await;
+    drop(simulator);
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// SIGTERM is what ECS sends on deploy and scale-in; Ctrl-C is for people.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
