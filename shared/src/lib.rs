@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod encryption_key;
 pub mod exchanges;
+pub mod jobs;
 pub mod rewrap;
 pub mod store;
 pub mod telemetry;

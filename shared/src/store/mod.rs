@@ -31,6 +31,7 @@ use crate::domain::{
     UserId,
 };
 
+pub mod kraken_nonces;
 mod postgres;
 mod sqlite;
 
@@ -143,7 +144,8 @@ pub struct UserContext {
 }
 
 /// Fernet tokens of one connection's credentials. `Debug` shows only which fields are present.
-#[derive(Clone, PartialEq, Eq)]
+/// Serializable because job payloads carry them (as ciphertext, never plaintext).
+#[derive(Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EncryptedCredentials {
     pub api_key: String,
     pub api_secret: String,
@@ -344,6 +346,15 @@ macro_rules! dispatch {
         }
     };
 }
+
+// Declared after `dispatch!` so they can use it (macro_rules scope is textual).
+mod jobs;
+mod jobs_postgres;
+mod jobs_sqlite;
+mod sweeps;
+
+pub use jobs::{QueueStats, REVOKED_REASON};
+pub use sweeps::{SweepTarget, sweep_job_key};
 
 impl Store {
     /// Opens a pool for `url` (the value of `DATABASE_URL`):

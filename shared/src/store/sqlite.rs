@@ -477,25 +477,25 @@ pub(super) async fn begin_write(pool: &SqlitePool) -> Result<Transaction<'static
 
 /// Timestamps as stored: RFC 3339, UTC, `Z`, exactly three fractional digits — the same as the
 /// schema's `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` defaults, so stored values are comparable.
-fn ts(at: DateTime<Utc>) -> String {
+pub(super) fn ts(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn parse_ts(column: &'static str, value: &str) -> Result<DateTime<Utc>> {
+pub(super) fn parse_ts(column: &'static str, value: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(value)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| decode_error(column, e))
 }
 
-fn parse_opt_ts(row: &SqliteRow, column: &'static str) -> Result<Option<DateTime<Utc>>> {
+pub(super) fn parse_opt_ts(row: &SqliteRow, column: &'static str) -> Result<Option<DateTime<Utc>>> {
     row.try_get::<Option<String>, _>(column)?.map(|v| parse_ts(column, &v)).transpose()
 }
 
-fn parse_uuid(column: &'static str, value: &str) -> Result<Uuid> {
+pub(super) fn parse_uuid(column: &'static str, value: &str) -> Result<Uuid> {
     Uuid::try_parse(value).map_err(|e| decode_error(column, e))
 }
 
-fn parse_json(column: &'static str, value: &str) -> Result<Value> {
+pub(super) fn parse_json(column: &'static str, value: &str) -> Result<Value> {
     serde_json::from_str(value).map_err(|e| decode_error(column, e))
 }
 

@@ -115,7 +115,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     drop_stale_databases().await;
-    let name = format!("{DB_PREFIX}{}", ulid::Ulid::new().to_string().to_lowercase());
+    let name = format!("{DB_PREFIX}{}", ulid::Ulid::generate().to_string().to_lowercase());
     let mut admin = PgConnection::connect(&admin_url()).await.expect("connect to admin database");
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)

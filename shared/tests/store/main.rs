@@ -11,6 +11,7 @@ mod harness;
 mod audit;
 mod connect;
 mod connections;
+mod jobs;
 mod rewrap;
 mod rewrap_command;
 mod rls;

@@ -326,7 +326,7 @@ postgres_only!(
 /// migration, when the migration cannot grant it itself).
 #[tokio::test]
 async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
-    let role = format!("tradeeon_test_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let role = format!("tradeeon_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
     let admin_url = crate::harness::admin_url();
     let mut admin = PgConnection::connect(&admin_url).await.unwrap();
     // The roles are cluster-wide; make sure they exist (other tests may not have run yet).

@@ -1,0 +1,160 @@
+//! Job records and their apalis tickets (see [`crate::jobs`] for the model).
+//!
+//! Enqueueing writes the record and pushes the ticket in one transaction, so there is never a
+//! ticket without a record or a record no worker will ever see. A retry is a new ticket for the
+//! same record, scheduled in the future: that is what makes backoff real, since apalis's SQL
+//! backends re-run a failed task immediately.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
+use crate::domain::ConnectionId;
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, JobTicket, NewJob};
+
+/// What the metrics report about the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    /// Jobs due now or earlier and not yet picked up.
+    pub queued: i64,
+    /// Jobs a worker holds.
+    pub running: i64,
+    /// Jobs waiting for a later time (retries with backoff, spread-out sweeps).
+    pub scheduled: i64,
+    /// How long the oldest due job has waited.
+    pub oldest_queued_age: Option<Duration>,
+}
+
+/// How often apalis itself re-runs a ticket whose handler errored (a database outage while the
+/// worker settles a job). Exchange failures never reach apalis: they are settled or rescheduled
+/// by the worker with backoff.
+pub(super) const TICKET_MAX_ATTEMPTS: u16 = 25;
+
+/// The apalis ticket for `job_id`, due at `run_at`. The first ticket of a job shares its id,
+/// which makes the two easy to correlate in the queue tables.
+pub(super) fn ticket(
+    job_id: JobId,
+    ticket_id: ulid::Ulid,
+    run_at: DateTime<Utc>,
+) -> Result<apalis::prelude::Task<Vec<u8>>> {
+    use apalis::prelude::{TaskBuilder, TaskId};
+    let args = serde_json::to_vec(&JobTicket { job_id })
+        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
+    let run_at = u64::try_from(run_at.timestamp()).unwrap_or(0);
+    Ok(TaskBuilder::new(args)
+        .task_id(TaskId::from_ulid(ticket_id))
+        .run_at_timestamp(run_at)
+        .max_attempts(usize::from(TICKET_MAX_ATTEMPTS))
+        .build())
+}
+
+impl ServiceTx {
+    /// Inserts the job record and pushes its ticket inside this transaction.
+    ///
+    /// `Ok(None)`: a job with the same idempotency key exists already (nothing written).
+    /// `Err(StoreError::Conflict)`: the connection already has a credential-changing job queued
+    /// or running (see [`Store::active_change_job`] for its id).
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, kind = job.payload.kind().as_str()), err(level = "info"))]
+    pub async fn enqueue_job(&mut self, job: &NewJob) -> Result<Option<JobRecord>> {
+        match self {
+            ServiceTx::Postgres(tx) => jobs_postgres::insert_job(tx, job).await,
+            ServiceTx::Sqlite(tx) => jobs_sqlite::insert_job(tx, job).await,
+        }
+    }
+
+    /// Settles the queued credential-changing jobs of a connection that is being revoked, and
+    /// wipes their payloads (a pending rotation's new keys must not outlive the revoke). A job
+    /// already running notices the revoke when it tries to apply its result.
+    #[tracing::instrument(skip_all, fields(%connection_id), err)]
+    pub async fn cancel_connection_jobs(&mut self, connection_id: ConnectionId, reason: &str) -> Result<u64> {
+        match self {
+            ServiceTx::Postgres(tx) => jobs_postgres::cancel_connection_jobs(tx, connection_id, reason).await,
+            ServiceTx::Sqlite(tx) => jobs_sqlite::cancel_connection_jobs(tx, connection_id, reason).await,
+        }
+    }
+}
+
+impl Store {
+    /// Enqueues a job on its own (scheduler, service path). See [`ServiceTx::enqueue_job`].
+    pub async fn enqueue_job(&self, job: &NewJob) -> Result<Option<JobRecord>> {
+        let mut tx = self.begin_service().await?;
+        let record = tx.enqueue_job(job).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Enqueues many jobs in one transaction (a sweep's page of health checks). Jobs whose
+    /// idempotency key was used already are skipped; returns how many were enqueued.
+    #[tracing::instrument(skip_all, fields(jobs = jobs.len()), err)]
+    pub async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<usize> {
+        let mut tx = self.begin_service().await?;
+        let mut enqueued = 0;
+        for job in jobs {
+            if tx.enqueue_job(job).await?.is_some() {
+                enqueued += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(enqueued)
+    }
+
+    /// A plain transaction for service-path writes that must be atomic with an enqueue.
+    pub async fn begin_service(&self) -> Result<ServiceTx> {
+        dispatch!(self, s => s.begin_service().await)
+    }
+
+    /// The caller's job; another user's job is `None` (on PostgreSQL through RLS as well).
+    #[tracing::instrument(skip_all, fields(user_id = %user.user_id, job_id = %id), err)]
+    pub async fn get_job(&self, user: &UserContext, id: JobId) -> Result<Option<JobRecord>> {
+        dispatch!(self, s => s.get_job(user, id).await)
+    }
+
+    /// The credential-changing job (verify, rotate, kite_session) queued or running for a
+    /// connection, if any.
+    #[tracing::instrument(skip_all, fields(%connection_id), err)]
+    pub async fn active_change_job(&self, connection_id: ConnectionId) -> Result<Option<JobId>> {
+        dispatch!(self, s => s.active_change_job(connection_id).await)
+    }
+
+    /// Takes a job for running: marks it `running` and counts the attempt. `None` if it is
+    /// already settled — a duplicate or late ticket, which the worker simply drops. A job found
+    /// `running` is claimed again: its previous worker died and apalis handed the ticket on.
+    #[tracing::instrument(skip_all, fields(job_id = %id), err)]
+    pub async fn claim_job(&self, id: JobId) -> Result<Option<ClaimedJob>> {
+        dispatch!(self, s => s.claim_job(id).await)
+    }
+
+    /// Settles a job with its outcome and wipes its payload. `false` if it was already settled.
+    #[tracing::instrument(skip_all, fields(job_id = %id), err)]
+    pub async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
+        dispatch!(self, s => s.finish_job(id, outcome).await)
+    }
+
+    /// Puts a running job back in the queue, due at `run_at`, with a new ticket (same
+    /// transaction). `false` if it is not running any more.
+    #[tracing::instrument(skip_all, fields(job_id = %id, %run_at), err)]
+    pub async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
+        dispatch!(self, s => s.requeue_job(id, run_at).await)
+    }
+
+    /// Ids of queued jobs that are due, oldest first — for running jobs without the queue in
+    /// tests and benchmarks.
+    pub async fn due_jobs(&self, limit: u32) -> Result<Vec<JobId>> {
+        dispatch!(self, s => s.due_jobs(i64::from(limit)).await)
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    pub async fn queue_stats(&self) -> Result<QueueStats> {
+        dispatch!(self, s => s.queue_stats().await)
+    }
+
+    /// Deletes settled jobs that finished before `older_than`.
+    #[tracing::instrument(skip_all, fields(%older_than), err)]
+    pub async fn prune_jobs(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        dispatch!(self, s => s.prune_jobs(older_than).await)
+    }
+}
+
+/// The one message used when a revoke settles pending jobs.
+pub const REVOKED_REASON: &str = "the connection was revoked";

@@ -1,0 +1,237 @@
+//! Job records and their apalis tickets: atomic enqueue, one change per connection, claiming,
+//! settling, rescheduling.
+
+use chrono::{Duration as ChronoDuration, Utc};
+use tradeeon_shared::domain::{AuditAction, Exchange};
+use tradeeon_shared::exchanges::{CheckCode, CheckResult};
+use tradeeon_shared::jobs::{JobKind, JobOutcome, JobPayload, JobStatus, NewJob};
+use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError};
+
+use crate::harness::{creds, new_connection, user};
+
+/// Tickets on the apalis queue, read straight from its table.
+async fn tickets(store: &Store) -> i64 {
+    if let Some(pool) = store.pg_pool() {
+        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'tradeeon'").fetch_one(pool).await.unwrap()
+    } else {
+        let pool = store.sqlite_pool().unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'tradeeon'").fetch_one(pool).await.unwrap()
+    }
+}
+
+/// The raw payload column (to prove it is wiped and never holds plaintext).
+async fn raw_payload(store: &Store, id: &str) -> Option<String> {
+    if let Some(pool) = store.pg_pool() {
+        sqlx::query_scalar("SELECT payload::text FROM tradeeon_jobs WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
+    } else {
+        let pool = store.sqlite_pool().unwrap();
+        sqlx::query_scalar("SELECT payload FROM tradeeon_jobs WHERE id = ?1").bind(id).fetch_one(pool).await.unwrap()
+    }
+}
+
+fn verify_job(user: &tradeeon_shared::store::UserContext, connection: &tradeeon_shared::store::ConnectionRecord) -> NewJob {
+    NewJob::new(
+        user.user_id,
+        connection.exchange,
+        JobPayload::Verify { connection_id: connection.id, credentials_version: connection.credentials_version },
+    )
+}
+
+fn ok_result() -> CheckResult {
+    CheckResult::success(std::time::Duration::from_millis(42), None, vec![])
+}
+
+async fn enqueue_is_atomic_with_the_connection_write(store: Store) {
+    let alice = user(&store).await;
+
+    // Committed: connection, audit row, job record and ticket all exist.
+    let mut tx = store.begin_user(&alice).await.unwrap();
+    let connection = tx.upsert_connection(&new_connection(Exchange::Binance, "a")).await.unwrap();
+    tx.insert_audit(&AuditEntryInput::new(AuditAction::Connected)).await.unwrap();
+    let mut tx = tx.into_service().await.unwrap();
+    let job = verify_job(&alice, &connection);
+    let record = tx.enqueue_job(&job).await.unwrap().expect("inserted");
+    tx.commit().await.unwrap();
+    assert_eq!(record.id, job.id);
+    assert_eq!(record.kind, JobKind::Verify);
+    assert_eq!(record.status, JobStatus::Queued);
+    assert_eq!(record.connection_id, Some(connection.id));
+    assert_eq!(record.attempts, 0);
+    assert_eq!(tickets(&store).await, 1);
+    assert_eq!(store.get_job(&alice, job.id).await.unwrap().unwrap(), record);
+
+    // Rolled back: nothing of either survives.
+    let mut tx = store.begin_user(&alice).await.unwrap();
+    let other = tx.upsert_connection(&new_connection(Exchange::Kraken, "k")).await.unwrap();
+    let mut tx = tx.into_service().await.unwrap();
+    let job = verify_job(&alice, &other);
+    tx.enqueue_job(&job).await.unwrap();
+    drop(tx);
+    assert_eq!(tickets(&store).await, 1);
+    assert!(store.get_job(&alice, job.id).await.unwrap().is_none());
+    assert!(store.get_connection(&alice, other.id).await.unwrap().is_none());
+}
+
+async fn one_credential_change_per_connection(store: Store) {
+    let alice = user(&store).await;
+    let connection = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
+    let first = store.enqueue_job(&verify_job(&alice, &connection)).await.unwrap().unwrap();
+
+    let rotate = NewJob::new(
+        alice.user_id,
+        connection.exchange,
+        JobPayload::Rotate {
+            connection_id: connection.id,
+            expected_version: connection.credentials_version,
+            credentials: creds("new"),
+            api_key_hint: "…new".into(),
+        },
+    );
+    let err = store.enqueue_job(&rotate).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(store.active_change_job(connection.id).await.unwrap(), Some(first.id));
+    assert_eq!(tickets(&store).await, 1, "the refused job pushed no ticket");
+
+    // Health checks are not credential changes: they may run alongside.
+    let health = NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
+    assert!(store.enqueue_job(&health).await.unwrap().is_some());
+
+    // Once the first settles, a rotation is accepted.
+    store.claim_job(first.id).await.unwrap().unwrap();
+    store.finish_job(first.id, &JobOutcome::Done(ok_result())).await.unwrap();
+    assert_eq!(store.active_change_job(connection.id).await.unwrap(), None);
+    assert!(store.enqueue_job(&rotate).await.unwrap().is_some());
+}
+
+async fn idempotency_key_enqueues_once(store: Store) {
+    let alice = user(&store).await;
+    let connection = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "a"), None).await.unwrap();
+    let mut job = NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
+    job.idempotency_key = Some(format!("sweep:1700000000:{}", connection.id));
+    assert!(store.enqueue_job(&job).await.unwrap().is_some());
+    let mut again = job.clone();
+    again.id = tradeeon_shared::jobs::JobId::new();
+    assert!(store.enqueue_job(&again).await.unwrap().is_none());
+    assert_eq!(tickets(&store).await, 1);
+}
+
+async fn jobs_are_private_to_their_user(store: Store) {
+    let alice = user(&store).await;
+    let bob = user(&store).await;
+    let connection = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
+    let job = store.enqueue_job(&verify_job(&alice, &connection)).await.unwrap().unwrap();
+    assert!(store.get_job(&alice, job.id).await.unwrap().is_some());
+    assert!(store.get_job(&bob, job.id).await.unwrap().is_none());
+}
+
+async fn claim_finish_and_requeue(store: Store) {
+    let alice = user(&store).await;
+    let test = NewJob::new(
+        alice.user_id,
+        Exchange::Coinbase,
+        JobPayload::Test { exchange: Exchange::Coinbase, credentials: creds("t") },
+    );
+    store.enqueue_job(&test).await.unwrap();
+    let id = test.id.to_string();
+    assert!(raw_payload(&store, &id).await.unwrap().contains("gAAAA-secret-t"), "payload holds the ciphertext");
+
+    let claimed = store.claim_job(test.id).await.unwrap().unwrap();
+    assert_eq!(claimed.record.status, JobStatus::Running);
+    assert_eq!(claimed.record.attempts, 1);
+    assert!(claimed.record.started_at.is_some());
+    assert_eq!(claimed.user_id, alice.user_id);
+    assert_eq!(claimed.payload, test.payload);
+
+    // A transient failure: back in the queue for later, with a new ticket.
+    let later = Utc::now() + ChronoDuration::seconds(30);
+    assert!(store.requeue_job(test.id, later).await.unwrap());
+    assert!(!store.requeue_job(test.id, later).await.unwrap(), "only a running job is requeued");
+    assert_eq!(tickets(&store).await, 2);
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!((stats.queued, stats.running, stats.scheduled), (0, 0, 1));
+
+    // Claimed again (the retry, or an orphaned ticket re-delivered): the attempt is counted.
+    let again = store.claim_job(test.id).await.unwrap().unwrap();
+    assert_eq!(again.record.attempts, 2);
+    let result = CheckResult::failure(CheckCode::InvalidSignature, "bad", std::time::Duration::from_millis(5));
+    assert!(store.finish_job(test.id, &JobOutcome::Done(result.clone())).await.unwrap());
+    assert!(!store.finish_job(test.id, &JobOutcome::Failed("late".into())).await.unwrap(), "settled once");
+    assert!(store.claim_job(test.id).await.unwrap().is_none(), "a late ticket finds nothing to run");
+
+    let done = store.get_job(&alice, test.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Done);
+    assert_eq!(done.result, Some(result));
+    assert!(done.finished_at.is_some());
+    assert_eq!(raw_payload(&store, &id).await, None, "finished jobs keep no ciphertext");
+
+    // Settled jobs are pruned by age.
+    assert_eq!(store.prune_jobs(Utc::now() - ChronoDuration::hours(1)).await.unwrap(), 0);
+    assert_eq!(store.prune_jobs(Utc::now() + ChronoDuration::seconds(1)).await.unwrap(), 1);
+    assert!(store.get_job(&alice, test.id).await.unwrap().is_none());
+}
+
+async fn failed_jobs_carry_their_error(store: Store) {
+    let alice = user(&store).await;
+    let connection = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
+    let job = store.enqueue_job(&verify_job(&alice, &connection)).await.unwrap().unwrap();
+    store.claim_job(job.id).await.unwrap().unwrap();
+    store.finish_job(job.id, &JobOutcome::Failed("superseded".into())).await.unwrap();
+    let failed = store.get_job(&alice, job.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    assert_eq!(failed.error.as_deref(), Some("superseded"));
+    assert_eq!(failed.result, None);
+}
+
+async fn revoke_cancels_pending_changes_and_wipes_their_keys(store: Store) {
+    let alice = user(&store).await;
+    let connection = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
+    let rotate = NewJob::new(
+        alice.user_id,
+        connection.exchange,
+        JobPayload::Rotate {
+            connection_id: connection.id,
+            expected_version: connection.credentials_version,
+            credentials: creds("pending"),
+            api_key_hint: "…ding".into(),
+        },
+    );
+    store.enqueue_job(&rotate).await.unwrap().unwrap();
+
+    let mut tx = store.begin_user(&alice).await.unwrap();
+    tx.revoke_connection(connection.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+    let mut tx = tx.into_service().await.unwrap();
+    assert_eq!(tx.cancel_connection_jobs(connection.id, REVOKED_REASON).await.unwrap(), 1);
+    tx.commit().await.unwrap();
+
+    let cancelled = store.get_job(&alice, rotate.id).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, JobStatus::Failed);
+    assert_eq!(cancelled.error.as_deref(), Some(REVOKED_REASON));
+    assert_eq!(raw_payload(&store, &rotate.id.to_string()).await, None);
+    assert!(store.claim_job(rotate.id).await.unwrap().is_none());
+}
+
+async fn queue_stats_report_depth_and_age(store: Store) {
+    let alice = user(&store).await;
+    assert_eq!(store.queue_stats().await.unwrap(), Default::default());
+    for tag in ["a", "b", "c"] {
+        let mut job =
+            NewJob::new(alice.user_id, Exchange::Kraken, JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(tag) });
+        job.run_at = Some(Utc::now() - ChronoDuration::seconds(90));
+        store.enqueue_job(&job).await.unwrap();
+    }
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(stats.queued, 3);
+    let age = stats.oldest_queued_age.unwrap();
+    assert!(age >= std::time::Duration::from_secs(89) && age < std::time::Duration::from_secs(150), "{age:?}");
+}
+
+contract!(
+    enqueue_is_atomic_with_the_connection_write,
+    one_credential_change_per_connection,
+    idempotency_key_enqueues_once,
+    jobs_are_private_to_their_user,
+    claim_finish_and_requeue,
+    failed_jobs_carry_their_error,
+    revoke_cancels_pending_changes_and_wipes_their_keys,
+    queue_stats_report_depth_and_age,
+);
