@@ -63,7 +63,8 @@ pub struct AuthenticatedUser {
 
 #[derive(Debug, Deserialize)]
 struct Claims {
-    sub: String,
+    #[serde(default)]
+    sub: Option<String>,
     #[serde(default)]
     email: Option<String>,
 }
@@ -79,11 +80,15 @@ pub struct Authenticator {
 const LEEWAY_SECONDS: u64 = 30;
 
 impl Authenticator {
-    pub fn new(audience: String, hs256_secret: Option<SecretString>, supabase_url: Option<&Url>, http: reqwest::Client) -> Self {
+    pub fn new(
+        audience: String,
+        hs256_secret: Option<SecretString>,
+        supabase_url: Option<&Url>,
+        http: reqwest::Client,
+    ) -> Self {
         let jwks = supabase_url.map(|base| {
-            let url = base
-                .join("auth/v1/.well-known/jwks.json")
-                .expect("a base URL joined with a relative path is a URL");
+            let url =
+                base.join("auth/v1/.well-known/jwks.json").expect("a base URL joined with a relative path is a URL");
             JwksCache::new(url, http)
         });
         Self { audience, hs256_secret, jwks }
@@ -110,7 +115,8 @@ impl Authenticator {
 
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        // `sub` is checked below, to report a missing one as a subject problem.
+        validation.set_required_spec_claims(&["exp", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
@@ -121,11 +127,11 @@ impl Authenticator {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAudience => AuthError::Audience,
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
-                ErrorKind::MissingRequiredClaim(claim) if claim == "sub" => AuthError::Subject,
                 _ => AuthError::Malformed,
             }
         })?;
-        let id = Uuid::parse_str(&data.claims.sub).map_err(|_| AuthError::Subject)?;
+        let sub = data.claims.sub.ok_or(AuthError::Subject)?;
+        let id = Uuid::parse_str(&sub).map_err(|_| AuthError::Subject)?;
         let email = data.claims.email.filter(|e| !e.is_empty() && e.len() <= 320);
         Ok(AuthenticatedUser { id: UserId(id), email })
     }
@@ -139,16 +145,30 @@ struct JwksCache {
     http: reqwest::Client,
     keys: RwLock<HashMap<String, (Algorithm, DecodingKey)>>,
     last_fetch: Mutex<Option<Instant>>,
+    /// Held while deciding on and doing a refetch, so that requests arriving together with a new
+    /// `kid` wait for the one refetch instead of failing while it is in flight.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl JwksCache {
     const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
     fn new(url: Url, http: reqwest::Client) -> Self {
-        Self { url, http, keys: RwLock::new(HashMap::new()), last_fetch: Mutex::new(None) }
+        Self {
+            url,
+            http,
+            keys: RwLock::new(HashMap::new()),
+            last_fetch: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
     }
 
     async fn key(&self, kid: &str, alg: Algorithm) -> Result<DecodingKey, AuthError> {
+        if let Some(found) = self.lookup(kid, alg).await? {
+            return Ok(found);
+        }
+        let _refreshing = self.refreshing.lock().await;
+        // Another request may have refetched while this one waited.
         if let Some(found) = self.lookup(kid, alg).await? {
             return Ok(found);
         }

@@ -1,0 +1,308 @@
+//! Connections: list, connect, test, rotate, revoke, and the audit log.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde_json::json;
+use tradeeon_shared::domain::{ApiKeyHint, AuditAction};
+use tradeeon_shared::jobs::{JobPayload, NewJob};
+use tradeeon_shared::store::{AuditCursor, MAX_PAGE_SIZE, NewConnection, REVOKED_REASON};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{encrypt, enqueue};
+use crate::error::ErrorBody;
+use crate::extract::{self, ApiJson, AuthUser, ClientMeta};
+use crate::validate;
+use crate::views::{
+    AuditEntryView, ConnectionAccepted, ConnectionRequest, ConnectionView, JobAccepted, MessageView, RotateRequest,
+};
+use crate::{ApiError, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_connections, create_connection))
+        .routes(routes!(test_connection))
+        .routes(routes!(rotate_connection))
+        .routes(routes!(revoke_connection))
+        .routes(routes!(list_audit))
+}
+
+/// The caller's active connections, newest first.
+#[utoipa::path(
+    get,
+    path = "/connections",
+    tag = "connections",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's active connections", body = [ConnectionView]),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id()), err(level = "info"))]
+async fn list_connections(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<Json<Vec<ConnectionView>>, ApiError> {
+    let records = state.store.list_connections(&user.0).await?;
+    Ok(Json(records.into_iter().map(ConnectionView::from).collect()))
+}
+
+/// Saves credentials for an exchange (replacing the caller's existing ones for it) with status
+/// `pending`, and enqueues a `verify` job — both in one transaction.
+#[utoipa::path(
+    post,
+    path = "/connections",
+    tag = "connections",
+    security(("bearer" = [])),
+    request_body = ConnectionRequest,
+    responses(
+        (status = 202, description = "Saved (pending) and queued for verification", body = ConnectionAccepted),
+        (status = 400, description = "Malformed JSON, or Zerodha (use /connections/zerodha/login)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 409, description = "A verification or rotation is already in progress (`error.job_id`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), exchange), err(level = "info"))]
+async fn create_connection(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: ClientMeta,
+    ApiJson(body): ApiJson<ConnectionRequest>,
+) -> Result<(StatusCode, Json<ConnectionAccepted>), ApiError> {
+    let exchange = validate::static_key_exchange(&body.exchange)?;
+    tracing::Span::current().record("exchange", exchange.as_str());
+    let credentials = validate::credentials(exchange, &body.api_key, &body.api_secret, body.passphrase.as_ref())?;
+    let nickname = validate::nickname(body.nickname)?;
+    let new = NewConnection {
+        exchange,
+        credentials: encrypt(&state, &credentials),
+        nickname,
+        api_key_hint: ApiKeyHint::from_api_key(credentials.api_key.expose()),
+    };
+    drop(credentials);
+
+    let mut tx = state.store.begin_user(&user.0).await?;
+    let connection = tx.upsert_connection(&new).await?;
+    let job = NewJob::new(
+        user.id(),
+        exchange,
+        JobPayload::Verify { connection_id: connection.id, credentials_version: connection.credentials_version },
+    );
+    tx.insert_audit(&meta.audit(
+        AuditAction::Connected,
+        Some(connection.id),
+        json!({ "stage": "submitted", "job_id": job.id }),
+    ))
+    .await?;
+    let tx = tx.into_service().await?;
+    let job = enqueue(&state, tx, &job).await?.ok_or_else(unexpected_duplicate)?;
+    Ok((StatusCode::ACCEPTED, Json(ConnectionAccepted { connection: connection.into(), job: job.into() })))
+}
+
+/// Checks credentials without storing them: they travel to the worker encrypted, inside the job.
+#[utoipa::path(
+    post,
+    path = "/connections/test",
+    tag = "connections",
+    security(("bearer" = [])),
+    request_body = ConnectionRequest,
+    responses(
+        (status = 202, description = "Queued; poll `GET /jobs/{id}` for the verdict", body = JobAccepted),
+        (status = 400, description = "Malformed JSON, or Zerodha (use /connections/zerodha/login)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), exchange), err(level = "info"))]
+async fn test_connection(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: ClientMeta,
+    ApiJson(body): ApiJson<ConnectionRequest>,
+) -> Result<(StatusCode, Json<JobAccepted>), ApiError> {
+    let exchange = validate::static_key_exchange(&body.exchange)?;
+    tracing::Span::current().record("exchange", exchange.as_str());
+    let credentials = validate::credentials(exchange, &body.api_key, &body.api_secret, body.passphrase.as_ref())?;
+    // Accepted for symmetry with POST /connections; a test stores nothing to name.
+    validate::nickname(body.nickname)?;
+    let job =
+        NewJob::new(user.id(), exchange, JobPayload::Test { exchange, credentials: encrypt(&state, &credentials) });
+    drop(credentials);
+
+    let mut tx = state.store.begin_user(&user.0).await?;
+    tx.insert_audit(&meta.audit(
+        AuditAction::Tested,
+        None,
+        json!({ "stage": "submitted", "exchange": exchange.as_str(), "job_id": job.id }),
+    ))
+    .await?;
+    let tx = tx.into_service().await?;
+    let job = enqueue(&state, tx, &job).await?.ok_or_else(unexpected_duplicate)?;
+    Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
+}
+
+/// Replaces a connection's credentials once the new ones pass a check (a `rotate` job). At most
+/// one rotation or verification per connection is queued or running at a time.
+#[utoipa::path(
+    post,
+    path = "/connections/{id}/rotate",
+    tag = "connections",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Connection id (UUID)")),
+    request_body = RotateRequest,
+    responses(
+        (status = 202, description = "Queued; the keys are swapped only if the new ones pass", body = JobAccepted),
+        (status = 400, description = "Malformed JSON or id, or a Zerodha connection", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such active connection of the caller", body = ErrorBody),
+        (status = 409, description = "A verification or rotation is already in progress (`error.job_id`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
+async fn rotate_connection(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RotateRequest>,
+) -> Result<(StatusCode, Json<JobAccepted>), ApiError> {
+    let id = extract::connection_id(&id)?;
+    let connection = state.store.get_connection(&user.0, id).await?.ok_or(ApiError::NotFound)?;
+    validate::not_zerodha(connection.exchange)?;
+    let credentials =
+        validate::credentials(connection.exchange, &body.api_key, &body.api_secret, body.passphrase.as_ref())?;
+    let job = NewJob::new(
+        user.id(),
+        connection.exchange,
+        JobPayload::Rotate {
+            connection_id: id,
+            expected_version: connection.credentials_version,
+            credentials: encrypt(&state, &credentials),
+            api_key_hint: ApiKeyHint::from_api_key(credentials.api_key.expose()).as_str().to_owned(),
+        },
+    );
+    drop(credentials);
+    let tx = state.store.begin_service().await?;
+    let job = enqueue(&state, tx, &job).await?.ok_or_else(unexpected_duplicate)?;
+    Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
+}
+
+/// Revokes a connection: soft delete, stored secrets overwritten, queued jobs of it cancelled,
+/// audit row `revoked`. Synchronous.
+#[utoipa::path(
+    delete,
+    path = "/connections/{id}",
+    tag = "connections",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Connection id (UUID)")),
+    responses(
+        (status = 200, description = "Revoked", body = MessageView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such active connection of the caller", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
+async fn revoke_connection(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: ClientMeta,
+    Path(id): Path<String>,
+) -> Result<Json<MessageView>, ApiError> {
+    let id = extract::connection_id(&id)?;
+    let mut tx = state.store.begin_user(&user.0).await?;
+    tx.revoke_connection(id, meta.audit(AuditAction::Revoked, Some(id), serde_json::Value::Null)).await?;
+    let mut tx = tx.into_service().await?;
+    let cancelled = tx.cancel_connection_jobs(id, REVOKED_REASON).await?;
+    tx.commit().await?;
+    tracing::info!(cancelled_jobs = cancelled, "connection revoked");
+    Ok(Json(MessageView { message: "Connection revoked; its stored credentials were destroyed.".into() }))
+}
+
+/// Query of `GET /connections/audit`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct AuditQuery {
+    /// Page size, 1–1000. Default 50.
+    limit: Option<String>,
+    /// Cursor: entries older than this one. Take it from the previous page's `Link: rel="next"`
+    /// header (`<unix microseconds>.<entry id without hyphens>`).
+    before: Option<String>,
+}
+
+const DEFAULT_AUDIT_PAGE: u32 = 50;
+
+/// The caller's audit log, newest first. When a page is full, a `Link: <…>; rel="next"` header
+/// points to the next (older) page.
+#[utoipa::path(
+    get,
+    path = "/connections/audit",
+    tag = "connections",
+    security(("bearer" = [])),
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Newest first", body = [AuditEntryView],
+            headers(("Link" = String, description = "`<…?limit=N&before=CURSOR>; rel=\"next\"` when there may be more"))),
+        (status = 400, description = "A bad `limit` or `before`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id()), err(level = "info"))]
+async fn list_audit(
+    State(state): State<AppState>,
+    user: AuthUser,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(HeaderMap, Json<Vec<AuditEntryView>>), ApiError> {
+    let Query(query) =
+        query.map_err(|_| ApiError::bad_request("invalid_query", "The query string is malformed.", None))?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_AUDIT_PAGE,
+        Some(raw) => raw.trim().parse::<u32>().ok().filter(|n| (1..=MAX_PAGE_SIZE).contains(n)).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("`limit` must be a whole number from 1 to {MAX_PAGE_SIZE}."),
+                Some("limit"),
+            )
+        })?,
+    };
+    let before = match query.before.as_deref() {
+        None | Some("") => None,
+        Some(raw) => Some(raw.parse::<AuditCursor>().map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                "`before` is not a cursor from a previous page's Link header.",
+                Some("before"),
+            )
+        })?),
+    };
+    let entries = state.store.list_audit(&user.0, limit, before).await?;
+    let mut headers = HeaderMap::new();
+    if entries.len() == limit as usize
+        && let Some(last) = entries.last()
+    {
+        let next = format!("</connections/audit?limit={limit}&before={}>; rel=\"next\"", AuditCursor::from(last));
+        if let Ok(value) = HeaderValue::from_str(&next) {
+            headers.insert(header::LINK, value);
+        }
+    }
+    Ok((headers, Json(entries.into_iter().map(AuditEntryView::from).collect())))
+}
+
+/// We never set an idempotency key on these jobs, so "already enqueued" cannot happen.
+fn unexpected_duplicate() -> ApiError {
+    ApiError::Internal(anyhow::anyhow!("a job without an idempotency key was reported as a duplicate"))
+}

@@ -1,0 +1,120 @@
+//! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/metrics`), CORS, and the
+//! client address recorded in audit rows.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{self, TestApp};
+
+both!(
+    health_and_ready,
+    ready_is_503_when_the_database_is_gone,
+    exchanges_and_egress_need_no_token,
+    metrics_count_requests_and_jobs
+);
+both_with!([("CORS_ORIGINS", "https://app.tradeeon.test")], cors_allows_only_configured_origins);
+both_with!([("TRUST_PROXY", "true")], forwarded_for_is_trusted_only_with_trust_proxy);
+both!(forwarded_for_is_ignored_by_default);
+
+async fn health_and_ready(app: TestApp) {
+    let response = app.get("/health", None).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({ "status": "ok" }));
+    let response = app.get("/ready", None).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ready");
+}
+
+async fn ready_is_503_when_the_database_is_gone(app: TestApp) {
+    app.store.close().await;
+    let started = std::time::Instant::now();
+    let error = helpers::error_of(app.get("/ready", None).await, 503).await;
+    assert_eq!(error["code"], "unavailable");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Liveness does no I/O.
+    assert_eq!(app.get("/health", None).await.status(), 200);
+    // Other routes answer 503 too, not 500 and not a hang.
+    let user = app.user();
+    let error = helpers::error_of(app.get("/connections", Some(&user)).await, 503).await;
+    assert_eq!(error["code"], "unavailable");
+}
+
+async fn exchanges_and_egress_need_no_token(app: TestApp) {
+    let exchanges: Value = app.get("/exchanges", None).await.json().await.unwrap();
+    let exchanges = exchanges.as_array().unwrap();
+    let ids: Vec<_> = exchanges.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["binance", "coinbase", "kraken", "zerodha"]);
+    for exchange in exchanges {
+        assert!(exchange["docs_url"].as_str().unwrap().starts_with("https://"));
+        let fields: Vec<_> =
+            exchange["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert!(fields.starts_with(&["api_key", "api_secret"]), "{fields:?}");
+    }
+    assert_eq!(exchanges[3]["connect_flow"], "oauth");
+    let egress: Value = app.get("/egress", None).await.json().await.unwrap();
+    assert_eq!(egress, json!({ "ips": ["52.1.2.3", "2600:1f18::1"] }));
+}
+
+async fn metrics_count_requests_and_jobs(app: TestApp) {
+    let user = app.user();
+    app.connect_binance(&user, "KEY0001").await;
+    app.get("/connections", None).await;
+    app.get("/definitely/not/here", None).await;
+    let response = app.get("/metrics", None).await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for needle in [
+        r#"tradeeon_http_requests_total{method="POST",route="/connections",status="202"} 1"#,
+        r#"tradeeon_http_requests_total{method="GET",route="/connections",status="401"} 1"#,
+        r#"tradeeon_http_requests_total{method="GET",route="unmatched",status="404"} 1"#,
+        r#"tradeeon_http_request_duration_seconds_bucket{method="POST",route="/connections",le="+Inf"} 1"#,
+        r#"tradeeon_jobs_enqueued_total{kind="verify"} 1"#,
+        r#"tradeeon_jobs_enqueued_total{kind="test"} 0"#,
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    // The registry in AppState is the one rendered.
+    assert!(!app.metrics_registry.gather().is_empty());
+}
+
+async fn cors_allows_only_configured_origins(app: TestApp) {
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/connections"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+    let allowed = preflight("https://app.tradeeon.test").await.unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.tradeeon.test");
+    let denied = preflight("https://evil.example").await.unwrap();
+    assert!(denied.headers().get("access-control-allow-origin").is_none());
+}
+
+async fn audit_ip(app: &TestApp, forwarded: &str) -> Value {
+    let user = app.user();
+    let response = app
+        .client
+        .post(app.url("/connections/test"))
+        .bearer_auth(&user.token)
+        .header("x-forwarded-for", forwarded)
+        .json(&json!({ "exchange": "binance", "api_key": "k", "api_secret": "s" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let audit: Value = app.get("/connections/audit", Some(&user)).await.json().await.unwrap();
+    audit[0]["ip_address"].clone()
+}
+
+async fn forwarded_for_is_trusted_only_with_trust_proxy(app: TestApp) {
+    // The last entry is the one the load balancer appended; earlier ones are the client's word.
+    assert_eq!(audit_ip(&app, "6.6.6.6, 203.0.113.9").await, "203.0.113.9");
+    assert_eq!(audit_ip(&app, "garbage").await, "127.0.0.1");
+}
+
+async fn forwarded_for_is_ignored_by_default(app: TestApp) {
+    assert_eq!(audit_ip(&app, "203.0.113.9").await, "127.0.0.1");
+}
