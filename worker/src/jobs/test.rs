@@ -1,0 +1,23 @@
+//! `test`: "decrypt the job's credentials, run the check, return the result; store nothing
+//! else." The credentials are not stored anywhere, so there is no connection to update and no
+//! audit row to write (the API writes the `tested` row when it accepts the request).
+
+use tradeeon_shared::domain::Exchange;
+use tradeeon_shared::jobs::ClaimedJob;
+use tradeeon_shared::store::EncryptedCredentials;
+
+use super::{JobEnv, JobResult, decrypt_credentials, settle};
+
+#[tracing::instrument(name = "test_job", skip_all, fields(exchange = %exchange))]
+pub(super) async fn run(
+    env: &JobEnv,
+    job: &ClaimedJob,
+    exchange: Exchange,
+    credentials: &EncryptedCredentials,
+) -> JobResult {
+    let credentials = decrypt_credentials(&env.keyring, credentials, None)?;
+    let result = env.check(exchange, &credentials).await;
+    drop(credentials);
+    tracing::info!(code = result.code.as_str(), latency_ms = result.latency_ms, "credentials tested");
+    Ok(settle(job, result))
+}

@@ -1,0 +1,381 @@
+//! Scheduled health sweeps: every `HEALTH_SWEEP_INTERVAL`, one `health_check` job per active
+//! connection — exactly once per schedule slot however many worker processes run.
+//!
+//! Every process runs this scheduler (so losing one loses nothing), and every process sees each
+//! slot arrive. The first to claim the slot's row in `health_sweeps` owns the sweep; each check
+//! also carries an idempotency key per (slot, connection), so nothing is enqueued twice even if a
+//! sweep is taken over. Only the current slot is ever considered: a process that was down does
+//! not replay the slots it missed.
+//!
+//! Checks are spread over the interval rather than fired as a burst. When an exchange's rate
+//! budget cannot fit all of its checks into the interval, that exchange's part of the sweep is
+//! stretched to what the budget allows, and the stretch is reported (log and metric) — a sweep
+//! that outruns the budget would only collect 429s.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use tradeeon_shared::domain::Exchange;
+use tradeeon_shared::jobs::{JobPayload, NewJob};
+use tradeeon_shared::store::{Store, sweep_job_key};
+
+/// When sweeps happen: a fixed interval (aligned to the Unix epoch, so every process computes the
+/// same slots) or a cron expression.
+#[derive(Debug, Clone)]
+pub enum SweepSchedule {
+    Every(Duration),
+    Cron(Box<cron::Schedule>),
+}
+
+/// A `HEALTH_SWEEP_INTERVAL` value that is neither an interval nor a cron expression.
+#[derive(Debug, thiserror::Error)]
+#[error("expected an interval like `5m`, `300s` or `1h`, or a cron expression like `*/5 * * * *`; got {0:?}")]
+pub struct ScheduleParseError(String);
+
+impl FromStr for SweepSchedule {
+    type Err = ScheduleParseError;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let value = raw.trim();
+        if let Some(interval) = parse_interval(value) {
+            if interval < Duration::from_secs(1) {
+                return Err(ScheduleParseError(raw.to_string()));
+            }
+            return Ok(SweepSchedule::Every(interval));
+        }
+        // The cron crate wants seconds first; accept the usual five-field form too.
+        let fields = value.split_whitespace().count();
+        let expression = if fields == 5 { format!("0 {value}") } else { value.to_string() };
+        cron::Schedule::from_str(&expression)
+            .map(|s| SweepSchedule::Cron(Box::new(s)))
+            .map_err(|_| ScheduleParseError(raw.to_string()))
+    }
+}
+
+/// `300`, `300s`, `5m`, `1h`, `500ms`.
+fn parse_interval(value: &str) -> Option<Duration> {
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit.trim() {
+        "" | "s" => Some(Duration::from_secs(number)),
+        "ms" => Some(Duration::from_millis(number)),
+        "m" | "min" => Some(Duration::from_secs(number.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+impl SweepSchedule {
+    /// The slot `now` falls in: the latest firing time at or before `now`.
+    pub fn current_slot(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            SweepSchedule::Every(interval) => {
+                let step = interval.as_millis().max(1) as i64;
+                let ms = now.timestamp_millis();
+                DateTime::from_timestamp_millis(ms - ms.rem_euclid(step)).unwrap_or(now)
+            }
+            SweepSchedule::Cron(schedule) => {
+                // `after(now)` iterates both ways; stepping back gives the previous firing.
+                let probe = now + chrono::Duration::milliseconds(1);
+                schedule.after(&probe).next_back().unwrap_or(now)
+            }
+        }
+    }
+
+    /// The next slot after `now`.
+    pub fn next_slot(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            SweepSchedule::Every(interval) => {
+                self.current_slot(now) + chrono::Duration::from_std(*interval).unwrap_or(chrono::Duration::minutes(5))
+            }
+            SweepSchedule::Cron(schedule) => {
+                schedule.after(&now).next().unwrap_or(now + chrono::Duration::minutes(5))
+            }
+        }
+    }
+
+    /// The length of the slot starting at `slot`.
+    pub fn interval_at(&self, slot: DateTime<Utc>) -> Duration {
+        (self.next_slot(slot) - slot).to_std().unwrap_or(Duration::from_secs(300))
+    }
+}
+
+/// Share of the interval a sweep spreads its checks over; the rest is slack so one sweep's last
+/// checks finish before the next sweep starts.
+const SPREAD_FRACTION: f64 = 0.8;
+
+/// How one exchange's checks are laid out in time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExchangePlan {
+    pub checks: usize,
+    /// Time from the sweep's start over which the checks are spread.
+    pub spread: Duration,
+    /// The budget could not fit the checks into the interval's spread.
+    pub stretched: bool,
+}
+
+/// Lays out a sweep: `checks` per exchange, each exchange's budget in checks per second (`None`:
+/// no shared budget — per-key limits only), over `interval`.
+pub fn plan_sweep(
+    checks: &HashMap<Exchange, usize>,
+    budgets: &HashMap<Exchange, f64>,
+    interval: Duration,
+) -> HashMap<Exchange, ExchangePlan> {
+    let spread = interval.mul_f64(SPREAD_FRACTION);
+    checks
+        .iter()
+        .map(|(&exchange, &count)| {
+            let needed = budgets
+                .get(&exchange)
+                .filter(|rate| **rate > 0.0)
+                .map(|rate| Duration::from_secs_f64(count as f64 / rate))
+                .unwrap_or_default();
+            let stretched = needed > spread;
+            (exchange, ExchangePlan { checks: count, spread: if stretched { needed } else { spread }, stretched })
+        })
+        .collect()
+}
+
+/// Offset of check number `index` of `plan`: evenly spaced, each shifted randomly within its own
+/// step so that sweeps do not hit an exchange on a fixed beat.
+fn offset(plan: &ExchangePlan, index: usize) -> Duration {
+    if plan.checks == 0 {
+        return Duration::ZERO;
+    }
+    let step = plan.spread.as_secs_f64() / plan.checks as f64;
+    let jitter: f64 = rand::thread_rng().gen_range(0.0..1.0);
+    Duration::from_secs_f64(step * (index as f64 + jitter))
+}
+
+/// What the scheduler needs.
+#[derive(Clone)]
+pub struct SchedulerSettings {
+    pub schedule: SweepSchedule,
+    /// Checks per second each exchange's shared (per-IP) budget allows.
+    pub budgets: HashMap<Exchange, f64>,
+    /// Health history older than this is pruned after each sweep.
+    pub history_retention: Duration,
+    /// Settled jobs older than this are pruned after each sweep.
+    pub job_retention: Duration,
+    /// How often the sweep owner looks whether all checks have settled.
+    pub completion_poll: Duration,
+}
+
+/// Reports what sweeps do (metrics are wired by the caller).
+pub trait SweepObserver: Send + Sync {
+    fn sweep_stretched(&self, exchange: Exchange, spread: Duration, interval: Duration);
+    fn sweep_completed(&self);
+}
+
+/// Rows enqueued per transaction.
+const PAGE: u32 = 500;
+
+/// Runs the scheduler until `shutdown` resolves.
+pub async fn run_scheduler(
+    store: Store,
+    settings: SchedulerSettings,
+    observer: std::sync::Arc<dyn SweepObserver>,
+    owner: String,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    let mut handled: Option<DateTime<Utc>> = None;
+    loop {
+        let now = Utc::now();
+        let slot = settings.schedule.current_slot(now);
+        let mut wake_at = settings.schedule.next_slot(now);
+        if handled != Some(slot) {
+            match store.claim_sweep(slot, &owner).await {
+                Ok(true) => {
+                    handled = Some(slot);
+                    let (store, settings, observer) = (store.clone(), settings.clone(), observer.clone());
+                    tokio::spawn(async move {
+                        if let Err(err) = sweep(&store, &settings, observer.as_ref(), slot).await {
+                            tracing::error!(%slot, error = format!("{err:#}"), "health sweep failed");
+                        }
+                    });
+                }
+                Ok(false) => {
+                    tracing::debug!(%slot, "another worker owns this sweep");
+                    handled = Some(slot);
+                }
+                Err(err) => {
+                    // The database is unreachable: try this slot again shortly.
+                    tracing::warn!(%slot, error = %err, "could not claim the health sweep; retrying");
+                    wake_at = wake_at.min(now + chrono::Duration::seconds(5));
+                }
+            }
+        }
+        let sleep = (wake_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {}
+            () = &mut shutdown => return,
+        }
+    }
+}
+
+/// One sweep: enqueue a spread-out check per active connection, then wait for them to settle.
+pub async fn sweep(
+    store: &Store,
+    settings: &SchedulerSettings,
+    observer: &dyn SweepObserver,
+    slot: DateTime<Utc>,
+) -> anyhow::Result<usize> {
+    let interval = settings.schedule.interval_at(slot);
+    let mut per_exchange: HashMap<Exchange, usize> = HashMap::new();
+    for (exchange, _status, count) in store.connection_counts().await? {
+        *per_exchange.entry(exchange).or_default() += usize::try_from(count).unwrap_or(0);
+    }
+    let plan = plan_sweep(&per_exchange, &settings.budgets, interval);
+    for (exchange, p) in &plan {
+        if p.stretched {
+            tracing::warn!(
+                exchange = exchange.as_str(),
+                checks = p.checks,
+                spread_s = p.spread.as_secs_f64(),
+                interval_s = interval.as_secs_f64(),
+                "health sweep stretched past its interval to stay within the exchange's rate budget"
+            );
+            observer.sweep_stretched(*exchange, p.spread, interval);
+        }
+    }
+
+    // Spread from when the sweep really starts (a late claim must not bunch its checks up).
+    let start = Utc::now().max(slot);
+    let mut index: HashMap<Exchange, usize> = HashMap::new();
+    let mut enqueued = 0;
+    let mut after = None;
+    loop {
+        let targets = store.sweep_targets(after, PAGE).await?;
+        let Some(last) = targets.last() else { break };
+        after = Some(last.id);
+        let jobs: Vec<NewJob> = targets
+            .iter()
+            .map(|target| {
+                let i = index.entry(target.exchange).or_default();
+                let at = plan
+                    .get(&target.exchange)
+                    .map(|p| offset(p, (*i).min(p.checks.saturating_sub(1))))
+                    .unwrap_or_default();
+                *i += 1;
+                let mut job = NewJob::new(target.user_id, target.exchange, JobPayload::HealthCheck { connection_id: target.id });
+                job.idempotency_key = Some(sweep_job_key(slot, target.id));
+                job.run_at = Some(start + chrono::Duration::from_std(at).unwrap_or_default());
+                job
+            })
+            .collect();
+        enqueued += store.enqueue_jobs(&jobs).await?;
+        if targets.len() < PAGE as usize {
+            break;
+        }
+    }
+    let longest = plan.values().map(|p| p.spread).max().unwrap_or_default();
+    let spread_until = start + chrono::Duration::from_std(longest).unwrap_or_default();
+    store.record_sweep_enqueued(slot, i64::try_from(enqueued).unwrap_or(i64::MAX), spread_until).await?;
+    tracing::info!(%slot, enqueued, spread_s = longest.as_secs_f64(), "health sweep enqueued");
+
+    // Completed once every check has settled; given up (and left incomplete, which the
+    // "no completed sweep" alarm sees) if that takes more than two intervals.
+    let give_up = start + chrono::Duration::from_std(interval * 2 + longest).unwrap_or_default();
+    loop {
+        if store.sweep_unsettled(slot).await? == 0 {
+            if store.complete_sweep(slot).await? {
+                observer.sweep_completed();
+                tracing::info!(%slot, "health sweep completed");
+            }
+            break;
+        }
+        if Utc::now() > give_up {
+            tracing::warn!(%slot, "health sweep did not complete within two intervals");
+            break;
+        }
+        tokio::time::sleep(settings.completion_poll).await;
+    }
+
+    let now = Utc::now();
+    let history = store.prune_health_history(now - chrono::Duration::from_std(settings.history_retention)?).await?;
+    let jobs = store.prune_jobs(now - chrono::Duration::from_std(settings.job_retention)?).await?;
+    if history + jobs > 0 {
+        tracing::info!(history, jobs, "pruned old health history and settled jobs");
+    }
+    Ok(enqueued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn intervals_and_cron_expressions_parse() {
+        for (raw, secs) in [("5m", 300), ("300s", 300), ("300", 300), ("1h", 3600), ("2 min", 120)] {
+            match raw.parse::<SweepSchedule>().unwrap() {
+                SweepSchedule::Every(d) => assert_eq!(d, Duration::from_secs(secs), "{raw}"),
+                other => panic!("{raw} parsed as {other:?}"),
+            }
+        }
+        assert!(matches!("*/5 * * * *".parse::<SweepSchedule>().unwrap(), SweepSchedule::Cron(_)));
+        assert!(matches!("0 */5 * * * *".parse::<SweepSchedule>().unwrap(), SweepSchedule::Cron(_)));
+        for bad in ["", "soon", "5 parsecs", "0s", "* * *", "99 * * * *"] {
+            let err = bad.parse::<SweepSchedule>().unwrap_err();
+            assert!(err.to_string().contains("expected an interval"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn interval_slots_are_aligned_so_every_process_agrees() {
+        let s: SweepSchedule = "5m".parse().unwrap();
+        assert_eq!(s.current_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:05:00Z"));
+        assert_eq!(s.current_slot(at("2026-11-28T10:05:00Z")), at("2026-11-28T10:05:00Z"));
+        assert_eq!(s.next_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:10:00Z"));
+        assert_eq!(s.interval_at(at("2026-11-28T10:05:00Z")), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn cron_slots_step_back_to_the_previous_firing() {
+        let s: SweepSchedule = "*/15 * * * *".parse().unwrap();
+        assert_eq!(s.current_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:00:00Z"));
+        assert_eq!(s.current_slot(at("2026-11-28T10:15:00Z")), at("2026-11-28T10:15:00Z"));
+        assert_eq!(s.next_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:15:00Z"));
+        assert_eq!(s.interval_at(at("2026-11-28T10:00:00Z")), Duration::from_secs(900));
+    }
+
+    #[test]
+    fn sweeps_spread_over_the_interval_and_stretch_for_budgets() {
+        let interval = Duration::from_secs(300);
+        let checks = HashMap::from([(Exchange::Binance, 120_000), (Exchange::Kraken, 10)]);
+        // Binance: 200 checks/s → 120,000 checks need 600 s, more than the 240 s spread.
+        let budgets = HashMap::from([(Exchange::Binance, 200.0)]);
+        let plan = plan_sweep(&checks, &budgets, interval);
+        let binance = plan[&Exchange::Binance];
+        assert!(binance.stretched);
+        assert_eq!(binance.spread, Duration::from_secs(600));
+        let kraken = plan[&Exchange::Kraken];
+        assert!(!kraken.stretched);
+        assert_eq!(kraken.spread, Duration::from_secs(240));
+
+        // Offsets stay in order and inside the spread, one step apart on average.
+        let offsets: Vec<_> = (0..10).map(|i| offset(&kraken, i)).collect();
+        for (i, o) in offsets.iter().enumerate() {
+            assert!(*o >= Duration::from_secs(24 * i as u64) && *o < Duration::from_secs(24 * (i as u64 + 1)), "{i}: {o:?}");
+        }
+    }
+
+    #[test]
+    fn small_sweeps_within_budget_are_not_stretched() {
+        let plan = plan_sweep(
+            &HashMap::from([(Exchange::Binance, 100)]),
+            &HashMap::from([(Exchange::Binance, 200.0)]),
+            Duration::from_secs(60),
+        );
+        assert!(!plan[&Exchange::Binance].stretched);
+        assert_eq!(plan[&Exchange::Binance].spread, Duration::from_secs(48));
+    }
+}
