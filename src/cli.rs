@@ -32,7 +32,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the API, the workers and the scheduler in one process (the default).
-    Serve,
+    Serve {
+        /// Also start the exchange simulator in-process and point every exchange at it, so keys
+        /// can be connected and checked with no real exchange account.
+        #[arg(long)]
+        simulate: bool,
+    },
     /// Run only the HTTP API (scale-out: many behind a load balancer, one shared database).
     Api,
     /// Run only the workers and the scheduler (scale-out: many on one shared database).
@@ -43,6 +48,8 @@ enum Command {
     Keygen,
     /// Re-encrypt every stored secret under the primary (first) ENCRYPTION_KEY.
     Rewrap,
+    /// Exit 0 if the local API answers `GET /health` (for container HEALTHCHECKs).
+    Healthcheck,
     /// Run the exchange simulator (fake Binance, Coinbase, Kraken and Zerodha on loopback).
     Simulate {
         /// Address to listen on.
@@ -64,7 +71,7 @@ pub fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(anyhow::Error::from(err).context("could not start the async runtime")),
     };
-    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve))) {
+    match runtime.block_on(run(cli.command.unwrap_or(Command::Serve { simulate: false }))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(err),
     }
@@ -116,7 +123,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
     match command {
         Command::Keygen => unreachable!("handled above"),
-        Command::Serve => serve(config, Role::Both).await,
+        Command::Serve { simulate: false } => serve(config, Role::Both).await,
+        Command::Serve { simulate: true } => {
+            let (simulator, config) = with_simulator(config).await?;
+            let result = serve(config, Role::Both).await;
+            drop(simulator);
+            result
+        }
         Command::Api => serve(config, Role::Api).await,
         Command::Worker => serve(config, Role::Worker).await,
         Command::Migrate => {
@@ -139,6 +152,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Simulate { host, port } => simulate(host, port).await,
+        Command::Healthcheck => healthcheck(&config).await,
     }
 }
 
@@ -199,17 +213,31 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    // One registry per process: in `serve` the API's `/metrics` shows the workers' metrics too.
+    let registry = prometheus::Registry::new();
     let mut tasks = tokio::task::JoinSet::new();
     if role != Role::Worker {
         let address = std::net::SocketAddr::new(config.http.host, config.http.port);
         let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;
         tracing::info!("API listening on http://{}", listener.local_addr()?);
-        let state = tradeeon_api::AppState { store: store.clone(), keyring: keyring.clone() };
+        let state = tradeeon_api::AppState::new(&config, store.clone(), keyring.clone(), registry.clone())?;
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { tradeeon_api::run(listener, state, stop).await.context("API server failed") });
     }
     if role != Role::Api {
-        let ctx = tradeeon_worker::WorkerContext { store: store.clone(), keyring: keyring.clone() };
+        let metrics_listener = if role == Role::Worker {
+            let address = std::net::SocketAddr::new(config.http.host, config.metrics.worker_port);
+            Some(TcpListener::bind(address).await.with_context(|| format!("could not listen on {address} (WORKER_METRICS_PORT)"))?)
+        } else {
+            None
+        };
+        let ctx = tradeeon_worker::WorkerContext {
+            store: store.clone(),
+            keyring: keyring.clone(),
+            config: config.clone(),
+            registry: registry.clone(),
+            metrics_listener,
+        };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { tradeeon_worker::run(ctx, stop).await.context("worker failed") });
     }
@@ -218,6 +246,22 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
     while let Some(result) = tasks.join_next().await {
         result.context("a task panicked")??;
     }
+    Ok(())
+}
+
+/// Asks the API in this container whether it is alive. Uses loopback when the API listens on
+/// every interface.
+async fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    let host = if config.http.host.is_unspecified() { "127.0.0.1".parse()? } else { config.http.host };
+    let url = format!("http://{}/health", std::net::SocketAddr::new(host, config.http.port));
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} did not answer"))?;
+    anyhow::ensure!(response.status().is_success(), "{url} answered {}", response.status());
     Ok(())
 }
 
@@ -235,6 +279,23 @@ async fn simulate(host: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
     shutdown_signal().await;
     drop(simulator);
     Ok(())
+}
+
+/// Starts the simulator on free loopback ports and points the exchange URLs at it.
+async fn with_simulator(mut config: Config) -> anyhow::Result<(tradeeon_simulator::Simulator, Config)> {
+    use tradeeon_simulator::{SimState, Simulator};
+    let state = Arc::new(SimState::seeded());
+    let simulator = Simulator::start(state.clone()).await.context("could not start the exchange simulator")?;
+    let urls = &simulator.urls;
+    config.exchanges.binance = urls.binance.clone();
+    config.exchanges.coinbase = urls.coinbase.clone();
+    config.exchanges.coinbase_exchange = urls.coinbase_exchange.clone();
+    config.exchanges.kraken = urls.kraken.clone();
+    config.exchanges.kite = urls.kite.clone();
+    config.exchanges.kite_login = urls.kite_login.clone();
+    tracing::warn!("exchange simulator running: every exchange call goes to fake exchanges on loopback");
+    eprintln!("Seeded test keys for the simulator:\n{}", state.test_keys_summary());
+    Ok((simulator, config))
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

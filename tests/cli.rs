@@ -214,8 +214,15 @@ async fn serve_runs_with_no_configuration_and_stops_on_sigterm() {
         assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
+    // The container HEALTHCHECK command agrees.
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    let check = run(tradeeon(dir.path()).arg("healthcheck").env("API_PORT", &port));
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
     let status = server.terminate();
     assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    let check = run(tradeeon(dir.path()).arg("healthcheck").env("API_PORT", &port));
+    assert_one_line_error(&check, "did not answer");
 
     // A restart reuses the same key rather than making a new one.
     let mut again = Server::start(dir.path());

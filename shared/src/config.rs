@@ -6,9 +6,12 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use secrecy::SecretString;
 use url::Url;
+
+use crate::exchanges::kraken::KrakenTier;
 
 /// A configuration value that could not be used. The message names the variable and says what
 /// is accepted; it never echoes a secret value.
@@ -101,6 +104,9 @@ pub struct Config {
     pub log: LogConfig,
     pub exchanges: ExchangeEndpoints,
     pub egress: EgressConfig,
+    pub worker: WorkerConfig,
+    pub metrics: MetricsConfig,
+    pub scheduler: SchedulerConfig,
 }
 
 impl Config {
@@ -117,6 +123,9 @@ impl Config {
             log: LogConfig::from_source(src)?,
             exchanges: ExchangeEndpoints::from_source(src)?,
             egress: EgressConfig::from_source(src)?,
+            worker: WorkerConfig::from_source(src)?,
+            metrics: MetricsConfig::from_source(src)?,
+            scheduler: SchedulerConfig::from_source(src)?,
         })
     }
 }
@@ -229,6 +238,14 @@ pub struct HttpConfig {
     /// `CORS_ORIGINS` — comma-separated origins allowed to call the API from a browser, e.g.
     /// `https://app.tradeeon.com`. Default: none (same-origin only).
     pub cors_origins: Vec<String>,
+    /// `TRUST_PROXY` — take the client address (for audit rows) from the last entry of
+    /// `X-Forwarded-For`, the one the load balancer appends. Set it only behind a proxy that
+    /// always sets the header (the ALB); otherwise clients could forge their address. Default
+    /// false: the peer address of the TCP connection.
+    pub trust_proxy: bool,
+    /// `API_USER_RATE_LIMIT_PER_MINUTE` — write requests (POST, DELETE) one user may make per
+    /// minute; beyond it the API answers 429 with `Retry-After`. Default 60.
+    pub user_rate_limit_per_minute: u32,
 }
 
 impl HttpConfig {
@@ -257,7 +274,13 @@ impl HttpConfig {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        Ok(Self { host, port: parse_number(src, "API_PORT", 8000, 0)?, cors_origins })
+        Ok(Self {
+            host,
+            port: parse_number(src, "API_PORT", 8000, 0)?,
+            cors_origins,
+            trust_proxy: parse_bool(src, "TRUST_PROXY", false)?,
+            user_rate_limit_per_minute: parse_number(src, "API_USER_RATE_LIMIT_PER_MINUTE", 60, 1)?,
+        })
     }
 }
 
@@ -341,6 +364,288 @@ impl EgressConfig {
     }
 }
 
+/// Where the workers' metrics go: Prometheus on their own listener, and CloudWatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `METRICS_PUBLISHER` — `cloudwatch` (default) or `none`. With `cloudwatch` the workers push
+    /// their metrics to CloudWatch through the standard AWS configuration (`AWS_REGION`,
+    /// credentials, `AWS_ENDPOINT_URL`); without a region publishing is off and says so once.
+    pub publisher: MetricsPublisher,
+    /// `CLOUDWATCH_NAMESPACE` — the CloudWatch namespace. Default `Tradeeon/Connections`.
+    pub cloudwatch_namespace: String,
+    /// `METRICS_PUBLISH_INTERVAL` — how often to push to CloudWatch, in seconds (`60`, `60s`) or
+    /// minutes (`2m`). Default 60 s; at least 1 s.
+    pub publish_interval: Duration,
+    /// `WORKER_METRICS_PORT` — port of `tradeeon worker`'s own `/metrics` listener, on the
+    /// `API_HOST` address. Default 9100. (`tradeeon serve` shows the same metrics on the API's
+    /// `/metrics`.)
+    pub worker_port: u16,
+}
+
+/// `METRICS_PUBLISHER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsPublisher {
+    CloudWatch,
+    None,
+}
+
+pub const DEFAULT_CLOUDWATCH_NAMESPACE: &str = "Tradeeon/Connections";
+
+impl MetricsConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let publisher = match src.get("METRICS_PUBLISHER").map(|v| v.trim().to_ascii_lowercase()) {
+            None => MetricsPublisher::CloudWatch,
+            Some(v) if v == "cloudwatch" => MetricsPublisher::CloudWatch,
+            Some(v) if v == "none" => MetricsPublisher::None,
+            Some(v) => {
+                return Err(ConfigError::new("METRICS_PUBLISHER", format!("expected cloudwatch or none, got {v:?}")));
+            }
+        };
+        let namespace = src.get("CLOUDWATCH_NAMESPACE").map(|v| v.trim().to_string());
+        let cloudwatch_namespace = namespace.unwrap_or_else(|| DEFAULT_CLOUDWATCH_NAMESPACE.to_string());
+        // CloudWatch's own rules, checked here so a typo fails at startup rather than every minute.
+        let valid_chars = cloudwatch_namespace.chars().all(|c| c.is_ascii_alphanumeric() || ".-_/#: ".contains(c));
+        if cloudwatch_namespace.len() > 255 || !valid_chars || cloudwatch_namespace.starts_with("AWS/") {
+            return Err(ConfigError::new(
+                "CLOUDWATCH_NAMESPACE",
+                format!(
+                    "expected at most 255 letters, digits or . - _ / # : (not starting with AWS/), got {cloudwatch_namespace:?}"
+                ),
+            ));
+        }
+        let publish_interval = match src.get("METRICS_PUBLISH_INTERVAL") {
+            None => Duration::from_secs(60),
+            Some(raw) => {
+                let v = raw.trim().to_ascii_lowercase();
+                let (number, unit) = match v.strip_suffix('m') {
+                    Some(n) => (n, 60),
+                    None => (v.strip_suffix('s').unwrap_or(&v), 1),
+                };
+                match number.trim().parse::<u64>() {
+                    Ok(n) if n >= 1 => Duration::from_secs(n.saturating_mul(unit)),
+                    _ => {
+                        return Err(ConfigError::new(
+                            "METRICS_PUBLISH_INTERVAL",
+                            format!("expected whole seconds (60, 60s) or minutes (1m), at least 1s, got {raw:?}"),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            publisher,
+            cloudwatch_namespace,
+            publish_interval,
+            worker_port: parse_number(src, "WORKER_METRICS_PORT", 9100, 0)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod metrics_config_tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn metrics(vars: &[(&'static str, &'static str)]) -> Result<MetricsConfig, ConfigError> {
+        let map: HashMap<&str, &str> = vars.iter().copied().collect();
+        MetricsConfig::from_source(&map)
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = metrics(&[]).unwrap();
+        assert_eq!(c.publisher, MetricsPublisher::CloudWatch);
+        assert_eq!(c.cloudwatch_namespace, "Tradeeon/Connections");
+        assert_eq!(c.publish_interval, Duration::from_secs(60));
+        assert_eq!(c.worker_port, 9100);
+    }
+
+    #[test]
+    fn values_are_parsed_and_errors_name_the_variable() {
+        let c = metrics(&[
+            ("METRICS_PUBLISHER", "None"),
+            ("CLOUDWATCH_NAMESPACE", "Tradeeon/Staging"),
+            ("METRICS_PUBLISH_INTERVAL", "30s"),
+            ("WORKER_METRICS_PORT", "9200"),
+        ])
+        .unwrap();
+        assert_eq!(c.publisher, MetricsPublisher::None);
+        assert_eq!(c.cloudwatch_namespace, "Tradeeon/Staging");
+        assert_eq!(c.publish_interval, Duration::from_secs(30));
+        assert_eq!(c.worker_port, 9200);
+        assert_eq!(metrics(&[("METRICS_PUBLISH_INTERVAL", "90")]).unwrap().publish_interval, Duration::from_secs(90));
+        assert_eq!(metrics(&[("METRICS_PUBLISH_INTERVAL", "2m")]).unwrap().publish_interval, Duration::from_secs(120));
+        for (var, value) in [
+            ("METRICS_PUBLISHER", "prometheus"),
+            ("CLOUDWATCH_NAMESPACE", "AWS/EC2"),
+            ("CLOUDWATCH_NAMESPACE", "Tradeeon\\Connections"),
+            ("METRICS_PUBLISH_INTERVAL", "0"),
+            ("METRICS_PUBLISH_INTERVAL", "1h"),
+            ("METRICS_PUBLISH_INTERVAL", "-5s"),
+            ("WORKER_METRICS_PORT", "70000"),
+        ] {
+            let err = metrics(&[(var, value)]).unwrap_err();
+            assert_eq!(err.variable, var, "{var}={value}: {err}");
+        }
+    }
+}
+
+/// The workers: exchange calls, rate limits and the health model.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub rate_limits: RateLimitConfig,
+    /// `EXCHANGE_TIMEOUT_MS` — total time one exchange request may take before the check reports
+    /// `timeout`. Default 15000 (15 s); at least 100.
+    pub exchange_timeout: Duration,
+    /// `REJECT_WITHDRAWAL_KEYS` — refuse API keys that can withdraw funds: their checks fail with
+    /// `permission_denied` instead of passing with the `withdrawals_enabled` warning. Default false.
+    pub reject_withdrawal_keys: bool,
+    /// `HEALTH_DEGRADED_LATENCY_MS` — a check slower than this marks the connection `degraded`.
+    /// Default 2000.
+    pub health_degraded_latency: Duration,
+    /// `HEALTH_FAILURE_THRESHOLD` — consecutive failed checks before a healthy connection becomes
+    /// `error` (definitive failures) or `degraded` (transient ones). Default 2; at least 1.
+    pub health_failure_threshold: u32,
+}
+
+impl WorkerConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            rate_limits: RateLimitConfig::from_source(src)?,
+            exchange_timeout: Duration::from_millis(parse_number(src, "EXCHANGE_TIMEOUT_MS", 15_000, 100)?),
+            reject_withdrawal_keys: parse_bool(src, "REJECT_WITHDRAWAL_KEYS", false)?,
+            health_degraded_latency: Duration::from_millis(parse_number(src, "HEALTH_DEGRADED_LATENCY_MS", 2_000, 1)?),
+            health_failure_threshold: parse_number(src, "HEALTH_FAILURE_THRESHOLD", 2, 1)?,
+        })
+    }
+}
+
+impl Default for WorkerConfig {
+    /// The documented defaults.
+    fn default() -> Self {
+        Self::from_source(&std::collections::HashMap::<&str, &str>::new()).expect("defaults are valid")
+    }
+}
+
+/// Our own request budgets per exchange bucket, shared by all jobs of one worker process. The
+/// exchanges' answers (`Retry-After`, bans, Binance's used-weight headers) are honoured on top of
+/// these, whatever they are set to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    /// `EXCHANGE_RATE_LIMITS` — `on` or `off`. `off` removes our own budgets (for benchmarks);
+    /// pauses an exchange asks for are still honoured. Default on.
+    pub enabled: bool,
+    /// `BINANCE_WEIGHT_PER_MINUTE` — `/api` request weight per minute for our egress IP.
+    /// Default 6000 (Binance's `REQUEST_WEIGHT` limit).
+    pub binance_weight_per_minute: u32,
+    /// `BINANCE_SAPI_WEIGHT_PER_MINUTE` — `/sapi` IP weight per minute. Default 12000.
+    pub binance_sapi_weight_per_minute: u32,
+    /// `KRAKEN_TIER` — `starter`, `intermediate` or `pro`: the verification tier of the Kraken
+    /// accounts, which sets the per-key call counter (maximum 15/20/20, decaying 0.33/0.5/1 per
+    /// second). Default `starter` (the strictest).
+    pub kraken_tier: KrakenTier,
+    /// `COINBASE_REQUESTS_PER_SECOND` — Coinbase Advanced Trade requests per second per key.
+    /// Default 30.
+    pub coinbase_requests_per_second: u32,
+    /// `COINBASE_EXCHANGE_REQUESTS_PER_SECOND` — Coinbase Exchange requests per second per key
+    /// (bursts of twice that, as Coinbase allows). Default 15.
+    pub coinbase_exchange_requests_per_second: u32,
+    /// `KITE_REQUESTS_PER_SECOND` — Zerodha Kite requests per second per API key. Default 10.
+    pub kite_requests_per_second: u32,
+}
+
+impl RateLimitConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let enabled = match src.get("EXCHANGE_RATE_LIMITS").map(|v| v.trim().to_ascii_lowercase()) {
+            None => true,
+            Some(v) if v == "on" => true,
+            Some(v) if v == "off" => false,
+            Some(v) => return Err(ConfigError::new("EXCHANGE_RATE_LIMITS", format!("expected on or off, got {v:?}"))),
+        };
+        let kraken_tier = match src.get("KRAKEN_TIER").map(|v| v.trim().to_ascii_lowercase()) {
+            None => KrakenTier::Starter,
+            Some(v) if v == "starter" => KrakenTier::Starter,
+            Some(v) if v == "intermediate" => KrakenTier::Intermediate,
+            Some(v) if v == "pro" => KrakenTier::Pro,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "KRAKEN_TIER",
+                    format!("expected starter, intermediate or pro, got {v:?}"),
+                ));
+            }
+        };
+        Ok(Self {
+            enabled,
+            binance_weight_per_minute: parse_number(src, "BINANCE_WEIGHT_PER_MINUTE", 6_000, 1)?,
+            binance_sapi_weight_per_minute: parse_number(src, "BINANCE_SAPI_WEIGHT_PER_MINUTE", 12_000, 1)?,
+            kraken_tier,
+            coinbase_requests_per_second: parse_number(src, "COINBASE_REQUESTS_PER_SECOND", 30, 1)?,
+            coinbase_exchange_requests_per_second: parse_number(src, "COINBASE_EXCHANGE_REQUESTS_PER_SECOND", 15, 1)?,
+            kite_requests_per_second: parse_number(src, "KITE_REQUESTS_PER_SECOND", 10, 1)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod worker_config_tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn worker(vars: &[(&'static str, &'static str)]) -> Result<WorkerConfig, ConfigError> {
+        let map: HashMap<&str, &str> = vars.iter().copied().collect();
+        WorkerConfig::from_source(&map)
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let c = worker(&[]).unwrap();
+        assert!(c.rate_limits.enabled);
+        assert_eq!(c.rate_limits.binance_weight_per_minute, 6_000);
+        assert_eq!(c.rate_limits.binance_sapi_weight_per_minute, 12_000);
+        assert_eq!(c.rate_limits.kraken_tier, KrakenTier::Starter);
+        assert_eq!(c.rate_limits.coinbase_requests_per_second, 30);
+        assert_eq!(c.rate_limits.coinbase_exchange_requests_per_second, 15);
+        assert_eq!(c.rate_limits.kite_requests_per_second, 10);
+        assert_eq!(c.exchange_timeout, Duration::from_secs(15));
+        assert!(!c.reject_withdrawal_keys);
+        assert_eq!(c.health_degraded_latency, Duration::from_secs(2));
+        assert_eq!(c.health_failure_threshold, 2);
+    }
+
+    #[test]
+    fn values_are_parsed_and_errors_name_the_variable() {
+        let c = worker(&[
+            ("EXCHANGE_RATE_LIMITS", "OFF"),
+            ("KRAKEN_TIER", "pro"),
+            ("EXCHANGE_TIMEOUT_MS", "2500"),
+            ("REJECT_WITHDRAWAL_KEYS", "true"),
+            ("HEALTH_FAILURE_THRESHOLD", "3"),
+        ])
+        .unwrap();
+        assert!(!c.rate_limits.enabled);
+        assert_eq!(c.rate_limits.kraken_tier, KrakenTier::Pro);
+        assert_eq!(c.exchange_timeout, Duration::from_millis(2500));
+        assert!(c.reject_withdrawal_keys);
+        assert_eq!(c.health_failure_threshold, 3);
+        for (var, value) in [
+            ("EXCHANGE_RATE_LIMITS", "maybe"),
+            ("KRAKEN_TIER", "gold"),
+            ("BINANCE_WEIGHT_PER_MINUTE", "0"),
+            ("BINANCE_SAPI_WEIGHT_PER_MINUTE", "lots"),
+            ("COINBASE_REQUESTS_PER_SECOND", "-1"),
+            ("COINBASE_EXCHANGE_REQUESTS_PER_SECOND", "1.5"),
+            ("KITE_REQUESTS_PER_SECOND", "0"),
+            ("EXCHANGE_TIMEOUT_MS", "5"),
+            ("REJECT_WITHDRAWAL_KEYS", "sometimes"),
+            ("HEALTH_DEGRADED_LATENCY_MS", "slow"),
+            ("HEALTH_FAILURE_THRESHOLD", "0"),
+        ] {
+            let err = worker(&[(var, value)]).unwrap_err();
+            assert_eq!(err.variable, var, "{var}={value}: {err}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +671,8 @@ mod tests {
         assert_eq!(c.exchanges.kite_login.as_str(), "https://kite.zerodha.com/connect/login");
         assert!(c.egress.ips.is_empty());
         assert!(c.vault.encryption_keys.is_none());
+        assert!(!c.http.trust_proxy);
+        assert_eq!(c.http.user_rate_limit_per_minute, 60);
     }
 
     #[test]
@@ -399,12 +706,16 @@ mod tests {
             ("CORS_ORIGINS", "https://app.tradeeon.com,http://localhost:5173"),
             ("API_PORT", "9000"),
             ("LOG_FORMAT", "json"),
+            ("TRUST_PROXY", "true"),
+            ("API_USER_RATE_LIMIT_PER_MINUTE", "120"),
         ])
         .unwrap();
         assert_eq!(c.egress.ips.len(), 2);
         assert_eq!(c.http.cors_origins, vec!["https://app.tradeeon.com", "http://localhost:5173"]);
         assert_eq!(c.http.port, 9000);
         assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.http.trust_proxy);
+        assert_eq!(c.http.user_rate_limit_per_minute, 120);
 
         for (var, value) in [
             ("EGRESS_IPS", "52.1.2.3,not-an-ip"),
@@ -416,6 +727,9 @@ mod tests {
             ("API_HOST", "localhost"),
             ("DATABASE_MAX_CONNECTIONS", "0"),
             ("MIGRATE_ON_START", "maybe"),
+            ("TRUST_PROXY", "sometimes"),
+            ("API_USER_RATE_LIMIT_PER_MINUTE", "0"),
+            ("API_USER_RATE_LIMIT_PER_MINUTE", "lots"),
         ] {
             let err = config(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{var}={value}: {err}");
@@ -430,5 +744,33 @@ mod tests {
         assert_eq!(c.database.sqlite_dir(), None);
         let c = config(&[("DATABASE_URL", "sqlite://tradeeon.db")]).unwrap();
         assert_eq!(c.database.sqlite_dir(), Some(PathBuf::from(".")));
+    }
+}
+
+/// The job runner and the health-sweep scheduler of `tradeeon worker` / `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// `HEALTH_SWEEP_INTERVAL` — how often every active connection is re-checked: an interval
+    /// (`5m`, `300s`, `1h`) or a cron expression (`*/5 * * * *`, five or six fields, UTC).
+    /// Default `5m`. Checked when the worker starts.
+    pub sweep_interval: String,
+    /// `HEALTH_HISTORY_RETENTION_DAYS` — health-check history older than this is pruned.
+    /// Default 30.
+    pub history_retention: Duration,
+    /// `JOB_RETENTION_DAYS` — settled job records older than this are pruned. Default 7.
+    pub job_retention: Duration,
+    /// `WORKER_CONCURRENCY` — jobs one worker process runs at once. Default 16.
+    pub concurrency: usize,
+}
+
+impl SchedulerConfig {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let day = Duration::from_secs(86_400);
+        Ok(Self {
+            sweep_interval: src.get("HEALTH_SWEEP_INTERVAL").unwrap_or_else(|| "5m".to_string()).trim().to_string(),
+            history_retention: day * parse_number(src, "HEALTH_HISTORY_RETENTION_DAYS", 30u32, 1)?,
+            job_retention: day * parse_number(src, "JOB_RETENTION_DAYS", 7u32, 1)?,
+            concurrency: parse_number(src, "WORKER_CONCURRENCY", 16usize, 1)?,
+        })
     }
 }
