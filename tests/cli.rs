@@ -204,6 +204,12 @@ async fn serve_runs_with_no_configuration_and_stops_on_sigterm() {
     assert_eq!(missing.status(), 404);
     assert_eq!(missing.json::<serde_json::Value>().await.unwrap()["error"]["code"], "not_found");
 
+    // One registry: the API's /metrics shows the workers' metrics too.
+    let metrics = http.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
+    for name in ["tradeeon_http_requests_total", "tradeeon_queue_depth", "tradeeon_sweeps_completed_total"] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+
     // The embedded default generated its key privately, beside the database.
     let key_file = dir.path().join("data/encryption.key");
     let key = std::fs::read_to_string(&key_file).unwrap();
