@@ -598,16 +598,6 @@ impl Store {
         dispatch!(self, s => s.load_access_token(id).await)
     }
 
-    /// Ids of active connections in id order, `limit` at a time after `after` (keyset).
-    #[tracing::instrument(skip_all, fields(limit = limit), err)]
-    pub async fn list_active_connection_ids(
-        &self,
-        limit: u32,
-        after: Option<ConnectionId>,
-    ) -> Result<Vec<ConnectionId>> {
-        dispatch!(self, s => s.list_active_connection_ids(clamp_limit(limit), after).await)
-    }
-
     #[tracing::instrument(skip_all, fields(connection_id = %record.connection_id, status = %record.status), err)]
     pub async fn record_health(&self, record: HealthRecord) -> Result<()> {
         dispatch!(self, s => s.record_health(&record).await)

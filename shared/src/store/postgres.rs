@@ -340,23 +340,6 @@ impl PgStore {
         Ok(token.flatten())
     }
 
-    pub(super) async fn list_active_connection_ids(
-        &self,
-        limit: i64,
-        after: Option<ConnectionId>,
-    ) -> Result<Vec<ConnectionId>> {
-        let ids: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM public.exchange_keys
-             WHERE is_active AND ($1::uuid IS NULL OR id > $1)
-             ORDER BY id LIMIT $2",
-        )
-        .bind(after.map(|a| a.0))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids.into_iter().map(ConnectionId).collect())
-    }
-
     pub(super) async fn record_health(&self, record: &HealthRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO public.connection_health_history

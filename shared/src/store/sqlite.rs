@@ -342,23 +342,6 @@ impl SqliteStore {
         Ok(token.flatten())
     }
 
-    pub(super) async fn list_active_connection_ids(
-        &self,
-        limit: i64,
-        after: Option<ConnectionId>,
-    ) -> Result<Vec<ConnectionId>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM exchange_keys
-             WHERE is_active = 1 AND (?1 IS NULL OR id > ?1)
-             ORDER BY id LIMIT ?2",
-        )
-        .bind(after.map(|a| a.0.to_string()))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        ids.iter().map(|id| Ok(ConnectionId(parse_uuid("id", id)?))).collect()
-    }
-
     pub(super) async fn record_health(&self, record: &HealthRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO connection_health_history

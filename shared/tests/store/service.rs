@@ -169,7 +169,7 @@ async fn active_connection_ids_page_in_id_order(store: Store) {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = store.list_active_connection_ids(2, after).await.unwrap();
+        let page: Vec<_> = store.sweep_targets(after, 2).await.unwrap().into_iter().map(|t| t.id).collect();
         assert!(page.len() <= 2);
         let Some(last) = page.last().copied() else { break };
         after = Some(last);
