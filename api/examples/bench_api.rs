@@ -42,13 +42,6 @@ fn main() -> anyhow::Result<()> {
 async fn start_server(database_url: &str, pool: u32) -> anyhow::Result<(std::net::SocketAddr, Store)> {
     let store = Store::connect(database_url, pool).await?;
     store.migrate().await?;
-    if std::env::var("BENCH_DROP_APALIS_NOTIFY").is_ok_and(|v| v == "1") {
-        // Experiment only: apalis's insert trigger NOTIFYs per ticket, and PostgreSQL serializes
-        // the commits of notifying transactions; this shows the API without that ceiling.
-        let pg = store.pg_pool().ok_or_else(|| anyhow::anyhow!("PostgreSQL only"))?;
-        sqlx::query("DROP TRIGGER IF EXISTS notify_workers ON apalis.jobs").execute(pg).await?;
-        println!("(experiment: apalis's notify_workers trigger dropped)");
-    }
     let pool_text = pool.to_string();
     let vars: HashMap<&str, &str> = HashMap::from([
         ("DATABASE_URL", database_url),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
+use super::{AuditEntryInput, Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
 use crate::domain::ConnectionId;
 use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, JobTicket, NewJob};
 
@@ -69,7 +69,7 @@ impl ServiceTx {
     #[tracing::instrument(skip_all, fields(%connection_id), err)]
     pub async fn cancel_connection_jobs(&mut self, connection_id: ConnectionId, reason: &str) -> Result<u64> {
         match self {
-            ServiceTx::Postgres(tx) => jobs_postgres::cancel_connection_jobs(tx, connection_id, reason).await,
+            ServiceTx::Postgres(tx) => jobs_postgres::cancel_connection_jobs(&mut tx.tx, connection_id, reason).await,
             ServiceTx::Sqlite(tx) => jobs_sqlite::cancel_connection_jobs(tx, connection_id, reason).await,
         }
     }
@@ -82,6 +82,35 @@ impl Store {
         let record = tx.enqueue_job(job).await?;
         tx.commit().await?;
         Ok(record)
+    }
+
+    /// Writes an audit entry of `user`'s and enqueues `job`, atomically; on PostgreSQL in one
+    /// statement (the hot path of `POST /connections/test`). The entry must name no connection:
+    /// one that does is refused with [`StoreError::NotFound`] before anything is written (use
+    /// [`Store::begin_user`] for those, which checks the connection is the user's).
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, kind = job.payload.kind().as_str()), err(level = "info"))]
+    pub async fn enqueue_with_audit(
+        &self,
+        user: &UserContext,
+        audit: &AuditEntryInput,
+        job: &NewJob,
+    ) -> Result<Option<JobRecord>> {
+        if audit.connection_id.is_some() {
+            return Err(StoreError::NotFound);
+        }
+        match &self.inner {
+            Inner::Postgres(s) => jobs_postgres::enqueue_with_audit(s, user, audit, job).await,
+            Inner::Sqlite(_) => {
+                let mut tx = self.begin_user(user).await?;
+                tx.insert_audit(audit).await?;
+                let mut tx = tx.into_service().await?;
+                let record = tx.enqueue_job(job).await?;
+                if record.is_some() {
+                    tx.commit().await?;
+                }
+                Ok(record)
+            }
+        }
     }
 
     /// Enqueues many jobs in one transaction (a sweep's page of health checks). Jobs whose
@@ -104,7 +133,8 @@ impl Store {
         dispatch!(self, s => s.begin_service().await)
     }
 
-    /// The caller's job; another user's job is `None` (on PostgreSQL through RLS as well).
+    /// The caller's job; another user's job is `None`. One statement, filtered by owner (no RLS
+    /// transaction: this is what the portal polls).
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id, job_id = %id), err)]
     pub async fn get_job(&self, user: &UserContext, id: JobId) -> Result<Option<JobRecord>> {
         dispatch!(self, s => s.get_job(user, id).await)

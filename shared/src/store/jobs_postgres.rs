@@ -8,11 +8,12 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::jobs::{QueueStats, ticket};
-use super::postgres::{PgStore, begin_user};
-use super::{Result, ServiceTx, UserContext, decode_error, parse_column};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, ticket};
+use super::postgres::PgStore;
+use super::wakeups::wakeup_payload;
+use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, NewJob, QUEUE};
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE};
 
 macro_rules! job_columns {
     () => {
@@ -20,31 +21,93 @@ macro_rules! job_columns {
     };
 }
 
-pub(super) async fn insert_job(conn: &mut PgConnection, job: &NewJob) -> Result<Option<JobRecord>> {
-    let payload = serde_json::to_value(&job.payload).map_err(|e| decode_error("payload", e))?;
-    let run_at = job.run_at.unwrap_or_else(Utc::now);
-    let row = sqlx::query(concat!(
-        "INSERT INTO public.tradeeon_jobs
-             (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (idempotency_key) DO NOTHING
-         RETURNING ",
-        job_columns!()
-    ))
-    .bind(job.id.to_string())
-    .bind(job.payload.kind().as_str())
-    .bind(job.user_id.0)
-    .bind(job.payload.connection_id().map(|c| c.0))
-    .bind(job.exchange.as_str())
-    .bind(payload)
-    .bind(job.idempotency_key.as_deref())
-    .bind(run_at)
-    .fetch_optional(&mut *conn)
-    .await?;
+/// The job record and its first apalis ticket in one statement (`$1`–`$11`; see
+/// [`insert_job_row`]). apalis-postgres's own `push_tasks` would be a second round trip; the
+/// ticket's columns are those of its `queries/task/sink.sql` (apalis-postgres 1.0), which the
+/// queue tests exercise end to end.
+macro_rules! insert_job_and_ticket {
+    () => {
+        "WITH job AS (
+             INSERT INTO public.tradeeon_jobs
+                 (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING *
+         ), ticket AS (
+             INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+             SELECT id, $9, $10, 'Pending', 0, $11, run_at, 0 FROM job
+         )"
+    };
+}
+
+/// Inserts the record and its first ticket; once the transaction commits, a ticket that is due
+/// now wakes an idle worker (see [`super::wakeups`]).
+pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Option<JobRecord>> {
+    let query = sqlx::query(concat!(insert_job_and_ticket!(), " SELECT ", job_columns!(), " FROM job"));
+    let row = bind_job(query, job)?.fetch_optional(&mut *tx.tx).await?;
     let Some(row) = row else { return Ok(None) };
     let record = job_from_row(&row)?;
-    push_ticket(conn, job.id, job.id.0, run_at).await?;
+    tx.due_tickets.extend(wakeup_payload(QUEUE, job.id.0, run_at(job)));
     Ok(Some(record))
+}
+
+/// An audit entry of the user's that names no connection, and a job, in one statement and so
+/// one implicit transaction: the hot path of `POST /connections/test`, which would otherwise
+/// spend seven round trips (user scope, audit, service scope, job, ticket, commit). It runs as
+/// the service, so the owner is set by the statement (`user`), not by RLS.
+pub(super) async fn enqueue_with_audit(
+    store: &PgStore,
+    user: &UserContext,
+    audit: &AuditEntryInput,
+    job: &NewJob,
+) -> Result<Option<JobRecord>> {
+    let query = sqlx::query(concat!(
+        insert_job_and_ticket!(),
+        ", audit AS (
+             INSERT INTO public.connection_audit_log (user_id, action, ip_address, user_agent, details)
+             SELECT $12, $13, $14::inet, $15, $16 FROM job
+         )
+         SELECT ",
+        job_columns!(),
+        " FROM job"
+    ));
+    let row = bind_job(query, job)?
+        .bind(user.user_id.0)
+        .bind(audit.action.as_str())
+        .bind(audit.ip_address.map(|ip| ip.to_string()))
+        .bind(audit.user_agent.as_deref())
+        .bind((!audit.details.is_null()).then_some(&audit.details))
+        .fetch_optional(&store.pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let record = job_from_row(&row)?;
+    store.wakeups.send(wakeup_payload(QUEUE, job.id.0, run_at(job)).into_iter().collect());
+    Ok(Some(record))
+}
+
+fn run_at(job: &NewJob) -> DateTime<Utc> {
+    job.run_at.unwrap_or_else(Utc::now)
+}
+
+/// Binds `$1`–`$11` of [`insert_job_and_ticket`].
+fn bind_job<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    job: &'q NewJob,
+) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+    let payload = serde_json::to_value(&job.payload).map_err(|e| decode_error("payload", e))?;
+    let ticket = serde_json::to_vec(&JobTicket { job_id: job.id }).map_err(|e| decode_error("ticket", e))?;
+    Ok(query
+        .bind(job.id.to_string())
+        .bind(job.payload.kind().as_str())
+        .bind(job.user_id.0)
+        .bind(job.payload.connection_id().map(|c| c.0))
+        .bind(job.exchange.as_str())
+        .bind(payload)
+        .bind(job.idempotency_key.as_deref())
+        .bind(run_at(job))
+        .bind(QUEUE)
+        .bind(ticket)
+        .bind(i32::from(TICKET_MAX_ATTEMPTS)))
 }
 
 async fn push_ticket(conn: &mut PgConnection, job_id: JobId, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Result<()> {
@@ -95,14 +158,24 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord> {
     })
 }
 
+// `NO_FLUSH`: the worker's claim and settle statements set `synchronous_commit = off` for their
+// own (implicit) transaction, so they do not each wait for an fsync. That is safe because both
+// are followed by apalis's acknowledgement of the ticket, which commits synchronously: WAL is
+// flushed in order, so once the ack is durable the claim and settle before it are too; a crash
+// before the ack loses at most those two writes, and the ticket — still unacknowledged — runs
+// the job again (claiming and every job are idempotent). The API's writes always flush.
+
 impl PgStore {
     pub(super) async fn begin_service(&self) -> Result<ServiceTx> {
-        Ok(ServiceTx::Postgres(self.pool.begin().await?))
+        let tx = self.pool.begin().await?;
+        Ok(ServiceTx::Postgres(PgServiceTx { tx, wakeups: self.wakeups.clone(), due_tickets: Vec::new() }))
     }
 
     pub(super) async fn get_job(&self, user: &UserContext, id: JobId) -> Result<Option<JobRecord>> {
-        // Under RLS like every user-scoped read; the WHERE on user_id is defence in depth.
-        let mut tx = begin_user(&self.pool, user).await?;
+        // The one user-scoped read that skips the RLS transaction: the portal polls it, and the
+        // role switch costs three extra round trips (BEGIN, set_config, COMMIT) around a
+        // primary-key lookup. Ownership is in the statement itself, and the cross-user tests
+        // (api `cross_user`, store `jobs_are_private_to_their_user`) hold it to that.
         let row = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
@@ -110,9 +183,8 @@ impl PgStore {
         ))
         .bind(id.to_string())
         .bind(user.user_id.0)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        tx.commit().await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -130,9 +202,11 @@ impl PgStore {
     }
 
     pub(super) async fn claim_job(&self, id: JobId) -> Result<Option<ClaimedJob>> {
+        // Claiming and settling commit without waiting for a WAL flush (see `NO_FLUSH`).
         let row = sqlx::query(concat!(
             "UPDATE public.tradeeon_jobs
                 SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, now())
+               FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
               WHERE id = $1 AND status IN ('queued', 'running') AND payload IS NOT NULL
               RETURNING user_id, payload, ",
             job_columns!()
@@ -161,6 +235,7 @@ impl PgStore {
         let updated = sqlx::query(
             "UPDATE public.tradeeon_jobs
                 SET status = $2, result = $3, error = $4, finished_at = now(), payload = NULL
+               FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
               WHERE id = $1 AND status IN ('queued', 'running')",
         )
         .bind(id.to_string())

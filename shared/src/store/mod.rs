@@ -352,6 +352,7 @@ mod jobs;
 mod jobs_postgres;
 mod jobs_sqlite;
 mod sweeps;
+mod wakeups;
 
 pub use jobs::{QueueStats, REVOKED_REASON};
 pub use sweeps::{SweepTarget, sweep_job_key};
@@ -425,7 +426,7 @@ impl Store {
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id), err)]
     pub async fn begin_user(&self, user: &UserContext) -> Result<UserTx> {
         let tx = match &self.inner {
-            Inner::Postgres(s) => Tx::Postgres(postgres::begin_user(&s.pool, user).await?),
+            Inner::Postgres(s) => Tx::Postgres(postgres::begin_user(&s.pool, user).await?, s.wakeups.clone()),
             Inner::Sqlite(s) => Tx::Sqlite(sqlite::begin_write(&s.pool).await?),
         };
         Ok(UserTx { user: user.clone(), tx })
@@ -645,22 +646,41 @@ pub struct UserTx {
 }
 
 enum Tx {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>, wakeups::Wakeups),
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
 }
 
 /// A plain transaction on the store's database, no longer scoped to a user — for writing
-/// something else (e.g. enqueueing a job with apalis's `push_tasks(&mut *tx, ...)`) atomically
+/// something else (e.g. a job with [`ServiceTx::enqueue_job`]) atomically
 /// with user-scoped writes. Commit it, or drop it to roll back.
 pub enum ServiceTx {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Postgres(PgServiceTx),
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+/// A PostgreSQL service transaction and the worker wake-ups it owes once committed.
+pub struct PgServiceTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    wakeups: wakeups::Wakeups,
+    due_tickets: Vec<String>,
+}
+
+impl PgServiceTx {
+    /// The open transaction, for statements of the caller's own.
+    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
 }
 
 impl ServiceTx {
     pub async fn commit(self) -> Result<()> {
         match self {
-            ServiceTx::Postgres(tx) => tx.commit().await?,
+            ServiceTx::Postgres(PgServiceTx { tx, wakeups, due_tickets }) => {
+                tx.commit().await?;
+                if !due_tickets.is_empty() {
+                    wakeups.send(due_tickets);
+                }
+            }
             ServiceTx::Sqlite(tx) => tx.commit().await?,
         }
         Ok(())
@@ -676,7 +696,7 @@ impl UserTx {
     /// [`UserTx::insert_audit`]).
     pub async fn upsert_connection(&mut self, new: &NewConnection) -> Result<ConnectionRecord> {
         match &mut self.tx {
-            Tx::Postgres(tx) => postgres::upsert_connection(tx, &self.user, new).await,
+            Tx::Postgres(tx, _) => postgres::upsert_connection(tx, &self.user, new).await,
             Tx::Sqlite(tx) => sqlite::upsert_connection(tx, &self.user, new).await,
         }
     }
@@ -684,7 +704,7 @@ impl UserTx {
     /// See [`Store::insert_audit`].
     pub async fn insert_audit(&mut self, audit: &AuditEntryInput) -> Result<AuditEntry> {
         match &mut self.tx {
-            Tx::Postgres(tx) => postgres::insert_audit(tx, self.user.user_id, audit).await,
+            Tx::Postgres(tx, _) => postgres::insert_audit(tx, self.user.user_id, audit).await,
             Tx::Sqlite(tx) => sqlite::insert_audit(tx, self.user.user_id, audit).await,
         }
     }
@@ -696,7 +716,7 @@ impl UserTx {
         mut audit: AuditEntryInput,
     ) -> Result<()> {
         let revoked = match &mut self.tx {
-            Tx::Postgres(tx) => postgres::revoke_connection(tx, &self.user, id).await?,
+            Tx::Postgres(tx, _) => postgres::revoke_connection(tx, &self.user, id).await?,
             Tx::Sqlite(tx) => sqlite::revoke_connection(tx, &self.user, id).await?,
         };
         if !revoked {
@@ -709,7 +729,7 @@ impl UserTx {
 
     pub async fn commit(self) -> Result<()> {
         match self.tx {
-            Tx::Postgres(tx) => tx.commit().await?,
+            Tx::Postgres(tx, _) => tx.commit().await?,
             Tx::Sqlite(tx) => tx.commit().await?,
         }
         Ok(())
@@ -719,9 +739,9 @@ impl UserTx {
     /// and hands over the still-open transaction.
     pub async fn into_service(self) -> Result<ServiceTx> {
         Ok(match self.tx {
-            Tx::Postgres(mut tx) => {
+            Tx::Postgres(mut tx, wakeups) => {
                 postgres::leave_user_scope(&mut tx).await?;
-                ServiceTx::Postgres(tx)
+                ServiceTx::Postgres(PgServiceTx { tx, wakeups, due_tickets: Vec::new() })
             }
             Tx::Sqlite(tx) => ServiceTx::Sqlite(tx),
         })

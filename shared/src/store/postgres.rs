@@ -19,6 +19,7 @@ use super::{
     HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
     StoredSecrets, UserContext, decode_error, placeholder_email,
 };
+use super::wakeups::Wakeups;
 use crate::domain::{ApiKeyHint, ConnectionId, Permissions, UserId};
 
 /// The columns [`connection_from_row`] reads, for `SELECT` and `RETURNING`.
@@ -39,6 +40,7 @@ macro_rules! audit_columns {
 #[derive(Clone, Debug)]
 pub(super) struct PgStore {
     pub(super) pool: PgPool,
+    pub(super) wakeups: Wakeups,
 }
 
 fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -63,7 +65,8 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(connect_error)?;
-        Ok(Self { pool })
+        let wakeups = Wakeups::start(pool.clone());
+        Ok(Self { pool, wakeups })
     }
 
     pub(super) async fn ping(&self) -> Result<()> {
@@ -459,8 +462,8 @@ pub(super) async fn begin_user(
 
 /// Ends the user scope inside an open transaction: back to the session's own role, no claims.
 pub(super) async fn leave_user_scope(conn: &mut PgConnection) -> Result<()> {
-    sqlx::query("RESET ROLE").execute(&mut *conn).await?;
-    sqlx::query("SELECT set_config('request.jwt.claims', '', true)")
+    // `SET LOCAL ROLE NONE` is `RESET ROLE` for the rest of the transaction; one statement.
+    sqlx::query("SELECT set_config('role', 'none', true), set_config('request.jwt.claims', '', true)")
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -268,10 +268,10 @@ async fn user_transaction_commits_or_rolls_back_as_a_whole(store: Store) {
         tradeeon_shared::store::ServiceTx::Postgres(mut tx) => {
             // Back to the service's own role: it sees the whole table.
             let role: String =
-                sqlx::query_scalar("SELECT current_user::text").fetch_one(&mut *tx).await.unwrap();
+                sqlx::query_scalar("SELECT current_user::text").fetch_one(tx.connection()).await.unwrap();
             assert_ne!(role, "authenticated");
             let claims: Option<String> =
-                sqlx::query_scalar("SELECT auth.uid()::text").fetch_one(&mut *tx).await.unwrap();
+                sqlx::query_scalar("SELECT auth.uid()::text").fetch_one(tx.connection()).await.unwrap();
             assert_eq!(claims, None);
             tradeeon_shared::store::ServiceTx::Postgres(tx)
         }

@@ -235,3 +235,53 @@ contract!(
     revoke_cancels_pending_changes_and_wipes_their_keys,
     queue_stats_report_depth_and_age,
 );
+
+/// Workers are woken after the enqueue commits, never from inside it (apalis's per-row NOTIFY
+/// trigger serialized every enqueueing commit): the trigger is gone, a committed ticket that is
+/// due is announced once with the payload apalis's listener reads, and a rolled-back or
+/// future ticket is not announced at all.
+async fn workers_are_woken_after_commit(store: Store) {
+    use sqlx::postgres::PgListener;
+    let pool = store.pg_pool().unwrap();
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'notify_workers' AND NOT tgisinternal")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(triggers, 0, "apalis's notify_workers trigger must stay dropped");
+
+    let mut listener = PgListener::connect_with(pool).await.unwrap();
+    listener.listen("apalis::job::insert").await.unwrap();
+    let alice = user(&store).await;
+    let test_job = |tag: &str| {
+        NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(tag) })
+    };
+
+    // Rolled back and scheduled for later: no wake-up.
+    let mut tx = store.begin_service().await.unwrap();
+    tx.enqueue_job(&test_job("rolled-back")).await.unwrap();
+    drop(tx);
+    let mut later = test_job("later");
+    later.run_at = Some(Utc::now() + ChronoDuration::minutes(5));
+    store.enqueue_job(&later).await.unwrap();
+
+    // Committed and due: exactly one wake-up naming its ticket.
+    let due = test_job("due");
+    let mut tx = store.begin_service().await.unwrap();
+    tx.enqueue_job(&due).await.unwrap();
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
+    assert!(early.is_err(), "woken before the commit: {early:?}");
+    tx.commit().await.unwrap();
+
+    let note = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a wake-up within 10 s")
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(note.payload()).unwrap();
+    assert_eq!(payload["job_type"], "tradeeon");
+    assert_eq!(payload["id"], due.id.to_string());
+    let more = tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv()).await;
+    assert!(more.is_err(), "only the committed, due ticket is announced: {more:?}");
+}
+
+postgres_only!(workers_are_woken_after_commit);

@@ -1,0 +1,80 @@
+//! Waking idle PostgreSQL workers after an enqueue has committed.
+//!
+//! apalis-postgres wakes its workers with `NOTIFY` from a per-row trigger on `apalis.jobs`, i.e.
+//! inside the enqueueing transaction. PostgreSQL serializes the commits of all transactions that
+//! issued a `NOTIFY` (they hold one global lock through their commit's WAL flush), which capped
+//! every enqueueing request at about one fsync each — a few hundred per second however many
+//! connections the API had. Our migration drops that trigger and the store sends the same
+//! notification itself, *after* the enqueue committed, from a background task that batches them
+//! into one statement with `synchronous_commit = off`: a wake-up needs no durability, so its
+//! commit does not wait for a flush and the lock is held only for microseconds.
+//!
+//! Wake-ups are only a shortcut: workers also poll, so a wake-up lost to a crash, a full channel
+//! or a database error delays a job by at most one poll interval and loses nothing.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+/// The channel apalis-postgres's listener subscribes to, and the payload it expects.
+const CHANNEL: &str = "apalis::job::insert";
+
+/// Wake-ups waiting to be sent; more than this and new ones are dropped (workers poll anyway).
+const BACKLOG: usize = 10_000;
+
+/// Most notifications sent in one statement.
+const BATCH: usize = 500;
+
+/// Hands wake-ups to the background sender. Cheap to clone; the sender stops when the last
+/// clone is dropped.
+#[derive(Clone, Debug)]
+pub(super) struct Wakeups {
+    tx: mpsc::Sender<String>,
+}
+
+impl Wakeups {
+    /// Starts the sender on the current Tokio runtime.
+    pub(super) fn start(pool: PgPool) -> Self {
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        tokio::spawn(send_wakeups(pool, rx));
+        Self { tx }
+    }
+
+    /// Queues the wake-ups of tickets whose enqueue has just committed. Never blocks.
+    pub(super) fn send(&self, tickets: Vec<String>) {
+        for payload in tickets {
+            if self.tx.try_send(payload).is_err() {
+                // Full (or the runtime that owned the sender is gone): polling covers it.
+                tracing::debug!("worker wake-up dropped; workers will find the job by polling");
+                return;
+            }
+        }
+    }
+}
+
+/// The payload apalis-postgres's trigger would have sent for a ticket: its listener reads
+/// `job_type` (the queue) and `id`, and only tickets already due are announced.
+pub(super) fn wakeup_payload(queue: &str, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Option<String> {
+    (run_at <= Utc::now()).then(|| {
+        serde_json::json!({ "job_type": queue, "id": ticket_id.to_string(), "run_at": run_at }).to_string()
+    })
+}
+
+async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        // One implicit transaction: `set_config(.., true)` is `SET LOCAL`, read at its commit.
+        let sent = sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, payload)
+               FROM unnest($2::text[]) AS payload",
+        )
+        .bind(CHANNEL)
+        .bind(&batch)
+        .execute(&pool)
+        .await;
+        if let Err(err) = sent {
+            tracing::debug!(error = %err, wakeups = batch.len(), "worker wake-ups not sent; workers will poll");
+        }
+        batch.clear();
+    }
+}
