@@ -23,6 +23,8 @@ COPY api ./api
 COPY worker ./worker
 COPY simulator ./simulator
 COPY migrations ./migrations
+# The web UI's assets are embedded in the binary (api/src/ui.rs).
+COPY web ./web
 # The caches keep downloaded crates and compiled dependencies between builds. target/ is a cache
 # mount, so the binary is copied out of it within the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \

@@ -9,7 +9,7 @@ Asserts what the image promises:
     `healthcheck` subcommand that exists in the CLI;
   * the build stage copies everything `cargo build --locked` needs: the manifests, every workspace
     member and path dependency, every declared target path, and the directories sqlx::migrate!
-    embeds; and .dockerignore lets all of that through while keeping target/, .git, .env files
+    and include_bytes! embed; and .dockerignore lets all of that through while keeping target/, .git, .env files
     and local databases out of the context;
   * the Rust toolchain is at least the workspace's rust-version.
 
@@ -192,7 +192,12 @@ def workspace_inputs() -> tuple[set[str], str]:
         if any(part in ("target", "node_modules") or part.startswith(".") for part in relative.parts):
             continue
         manifest_dir = next(d for d in source.parents if (d / "Cargo.toml").exists())
-        for rel in re.findall(r'sqlx::migrate!\(\s*"([^"]+)"\s*\)', source.read_text(encoding="utf-8")):
+        text = source.read_text(encoding="utf-8")
+        for rel in re.findall(r'sqlx::migrate!\(\s*"([^"]+)"\s*\)', text):
+            needed.add((manifest_dir / rel).resolve().relative_to(ROOT).as_posix())
+        # include_bytes!/include_str! of files outside the crate (the web UI's assets), written
+        # as concat!(env!("CARGO_MANIFEST_DIR"), "/../dir/", ...).
+        for rel in re.findall(r'concat!\(\s*env!\("CARGO_MANIFEST_DIR"\)\s*,\s*"/([^"]+)"', text):
             needed.add((manifest_dir / rel).resolve().relative_to(ROOT).as_posix())
     needed.add("src")  # the root package's default binary (src/main.rs)
     return {path.split("/")[0] if "/" in path else path for path in needed}, rust_version

@@ -195,12 +195,13 @@ enum Role {
     Both,
 }
 
-async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
+async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
     // Keys first: a bad ENCRYPTION_KEY should stop the process before it touches the database.
     // Only the single-process default may invent a key: separate api/worker processes must all
     // use the same one, so they fail instead.
     let missing = if role == Role::Both { MissingKey::Generate } else { MissingKey::Fail };
     let keyring = Arc::new(load_keyring(&config, missing)?);
+    let local_secret = if role == Role::Both { local_sign_in_secret(&mut config)? } else { None };
     let store = connect(&config).await?;
     if config.database.migrate_on_start {
         store.migrate().await.context("migration failed")?;
@@ -220,7 +221,10 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         let address = std::net::SocketAddr::new(config.http.host, config.http.port);
         let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;
         tracing::info!("API listening on http://{}", listener.local_addr()?);
-        let state = tradeeon_api::AppState::new(&config, store.clone(), keyring.clone(), registry.clone())?;
+        let mut state = tradeeon_api::AppState::new(&config, store.clone(), keyring.clone(), registry.clone())?;
+        if let Some(secret) = &local_secret {
+            state = state.with_local_sign_in(local_sign_in(secret, &config, listener.local_addr()?));
+        }
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { tradeeon_api::run(listener, state, stop).await.context("API server failed") });
     }
@@ -247,6 +251,55 @@ async fn serve(config: Config, role: Role) -> anyhow::Result<()> {
         result.context("a task panicked")??;
     }
     Ok(())
+}
+
+/// The embedded default with no identity provider (neither `SUPABASE_JWT_SECRET` nor
+/// `SUPABASE_URL`) signs its own tokens: a secret kept beside the SQLite database (created on
+/// first run, mode 0600) becomes the JWT secret, and the web UI's one-time sign-in links trade
+/// for tokens signed with it. PostgreSQL deployments have no data directory and get none.
+fn local_sign_in_secret(config: &mut Config) -> anyhow::Result<Option<secrecy::SecretString>> {
+    if config.auth.jwt_secret.is_some() || config.auth.supabase_url.is_some() {
+        return Ok(None);
+    }
+    let Some(dir) = config.database.sqlite_dir() else {
+        return Ok(None);
+    };
+    let (secret, path, created) = tradeeon_api::ui::load_or_create_secret(&dir)?;
+    if created {
+        tracing::warn!(
+            path = %path.display(),
+            "neither SUPABASE_JWT_SECRET nor SUPABASE_URL is set: generated a local sign-in secret into this file; \
+             the web UI signs in one local user through the link printed below"
+        );
+    } else {
+        tracing::info!(path = %path.display(), "local sign-in: tokens are signed with the secret in this file");
+    }
+    config.auth.jwt_secret = Some(secret.clone());
+    Ok(Some(secret))
+}
+
+/// The local sign-in, printing a one-time link now and a fresh one each time a link is used.
+fn local_sign_in(
+    secret: &secrecy::SecretString,
+    config: &Config,
+    listening: std::net::SocketAddr,
+) -> Arc<tradeeon_api::ui::LocalSignIn> {
+    // A wildcard address is not something a browser can open; loopback reaches it.
+    let ip = match listening.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let base = format!("http://{}", std::net::SocketAddr::new(ip, listening.port()));
+    let announce_base = base.clone();
+    let local = tradeeon_api::ui::LocalSignIn::new(secret, config.auth.audience.clone(), move |code| {
+        eprintln!("Local sign-in link used; the next one (for another browser or tab): {announce_base}/#signin={code}");
+    });
+    let code = local.issue_code();
+    eprintln!(
+        "\nWeb UI: open {base}/#signin={code}\n(a one-time local sign-in link; a new one is printed here whenever one is used)\n"
+    );
+    Arc::new(local)
 }
 
 /// Asks the API in this container whether it is alive. Uses loopback when the API listens on

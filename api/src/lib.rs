@@ -16,6 +16,7 @@ mod metrics;
 pub mod openapi;
 mod ratelimit;
 mod routes;
+pub mod ui;
 mod validate;
 mod views;
 
@@ -72,6 +73,8 @@ pub struct AppState {
     limiter: Arc<UserRateLimiter>,
     users: Arc<SeenUsers>,
     login_states: Arc<StateSigner>,
+    /// The embedded default's one-time sign-in links (`None`: tokens come from Supabase).
+    local_sign_in: Option<Arc<ui::LocalSignIn>>,
 }
 
 /// The configuration the handlers read.
@@ -123,7 +126,14 @@ impl AppState {
             limiter: Arc::new(UserRateLimiter::new(config.http.user_rate_limit_per_minute)),
             users: Arc::new(SeenUsers::default()),
             login_states: Arc::new(StateSigner::from_vault_config(&config.vault)),
+            local_sign_in: None,
         })
+    }
+
+    /// Turns on the web UI's local sign-in (see [`ui`]); `config.auth.jwt_secret` must be its secret.
+    pub fn with_local_sign_in(mut self, local: Arc<ui::LocalSignIn>) -> Self {
+        self.local_sign_in = Some(local);
+        self
     }
 }
 
@@ -132,7 +142,9 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let (routes, _document) =
         OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(routes::all()).split_for_parts();
+    // The web UI is merged after the document is built: its routes are not part of the API.
     let mut app = routes
+        .merge(ui::router())
         .route_layer(middleware::from_fn(request_timeout))
         .route_layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .method_not_allowed_fallback(method_not_allowed)
