@@ -14,15 +14,16 @@
 //! * **What the exchanges tell us** ([`RateGate::report`]), which also covers the other worker
 //!   processes behind the same IP: a `Retry-After` pauses that bucket (that key's, for per-key
 //!   buckets) until it ends; a Binance ban (418) pauses *every* Binance bucket of the IP until it
-//!   ends; Binance's used-weight headers above [`SLOW_DOWN_PERCENT`] of the minute's limit pause
-//!   the bucket until the next minute boundary (Binance counts weight per calendar minute, which
-//!   our GCRA budget only approximates).
+//!   ends; Binance's used-weight headers above [`SLOW_DOWN_PERCENT`] of the minute's limit (or at
+//!   our own budget for the minute, when that is smaller) pause the bucket until the next minute
+//!   boundary (Binance counts weight per calendar minute, which our GCRA budget only
+//!   approximates).
 //!
 //! [`RateGate::acquire`] waits out a pause no longer than `max_pause_wait` (default
 //! [`DEFAULT_MAX_PAUSE_WAIT`]) and a budget wait no longer than `max_budget_wait` (default
 //! [`DEFAULT_MAX_BUDGET_WAIT`]); longer ones return `Err(wait)` without sending anything, so the
-//! check reports `rate_limited` with that wait and the job is rescheduled instead of holding a
-//! worker. Nothing is ever sent into a pause, so a Binance 429 never escalates to a 418.
+//! check reports `rate_limited` marked unsent with that wait, and the job is deferred to then
+//! without spending an attempt (`jobs::defer`) instead of holding a worker. Nothing is ever sent into a pause, so a Binance 429 never escalates to a 418.
 //!
 //! `EXCHANGE_RATE_LIMITS=off` removes our budgets (benchmarks); pauses the exchanges ask for are
 //! still honoured. Waits and refusals are counted per exchange ([`RateLimits::wait_totals`]), and
@@ -373,11 +374,16 @@ impl RateGate for RateLimits {
                     BINANCE_SAPI => Some(self.config.binance_sapi_weight_per_minute),
                     _ => None,
                 };
-                let limit = match configured {
-                    Some(ours) if self.config.enabled => limit_per_minute.min(ours),
-                    _ => limit_per_minute,
+                // The reported weight counts every process behind our IP. Against Binance's own
+                // limit, slow down with a margin before a 429; against a smaller budget of ours,
+                // stop only when the minute's budget is spent (a margin there would cap us at
+                // 90 % of what the operator allowed).
+                let spent = match configured {
+                    Some(ours) if self.config.enabled && ours < limit_per_minute => used >= ours,
+                    _ => u64::from(used) * 100 > u64::from(limit_per_minute) * SLOW_DOWN_PERCENT,
                 };
-                if u64::from(used) * 100 > u64::from(limit) * SLOW_DOWN_PERCENT {
+                let limit = configured.filter(|_| self.config.enabled).map_or(limit_per_minute, |o| o.min(limit_per_minute));
+                if spent {
                     let wait = until_next_minute();
                     tracing::info!(exchange = %key.exchange, bucket = key.bucket, used, limit, wait_ms = wait.as_millis() as u64, "weight nearly used up; pausing until the next minute");
                     self.pause(bucket_scope, wait);
@@ -453,8 +459,10 @@ mod tests {
         let gate = RateLimits::new(&RateLimitConfig { binance_sapi_weight_per_minute: 1_000, ..config() })
             .with_max_pause_wait(Duration::ZERO);
         let sapi = key(Exchange::Binance, BINANCE_SAPI, None);
-        gate.report(&sapi, LimitFeedback::UsedWeight { used: 950, limit_per_minute: 12_000 });
-        assert!(gate.acquire(&sapi, 1).await.is_err());
+        gate.report(&sapi, LimitFeedback::UsedWeight { used: 999, limit_per_minute: 12_000 });
+        gate.acquire(&sapi, 1).await.expect("our budget is used to the last unit, no margin");
+        gate.report(&sapi, LimitFeedback::UsedWeight { used: 1_000, limit_per_minute: 12_000 });
+        assert!(gate.acquire(&sapi, 1).await.is_err(), "the minute's budget is spent");
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ pub mod outcome {
     pub const FAILED: &str = "failed";
     /// The attempt failed transiently; the job was rescheduled.
     pub const RETRIED: &str = "retried";
+    /// Our own rate budget held the request back; the job was rescheduled for when it frees
+    /// (the attempt does not count).
+    pub const DEFERRED: &str = "deferred";
     /// Any other string passed in (keeps the label set bounded).
     pub const OTHER: &str = "other";
 }
@@ -418,7 +421,7 @@ impl WorkerMetrics {
 
         // Zero series for the counters, so rate() and dashboards see them before the first event.
         for kind in JobKind::ALL {
-            for outcome in [outcome::DONE, outcome::FAILED, outcome::RETRIED] {
+            for outcome in [outcome::DONE, outcome::FAILED, outcome::RETRIED, outcome::DEFERRED] {
                 jobs.with_label_values(&[kind.as_str(), outcome]);
             }
         }
@@ -460,13 +463,14 @@ impl WorkerMetrics {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A job attempt finished. `outcome` is one of [`outcome::DONE`], [`outcome::FAILED`] or
-    /// [`outcome::RETRIED`] (anything else is counted as [`outcome::OTHER`]).
+    /// A job attempt finished. `outcome` is one of [`outcome::DONE`], [`outcome::FAILED`],
+    /// [`outcome::RETRIED`] or [`outcome::DEFERRED`] (anything else is counted as [`outcome::OTHER`]).
     pub fn job_finished(&self, kind: JobKind, outcome: &str, duration: Duration) {
         let outcome = match outcome {
             outcome::DONE => outcome::DONE,
             outcome::FAILED => outcome::FAILED,
             outcome::RETRIED => outcome::RETRIED,
+            outcome::DEFERRED => outcome::DEFERRED,
             _ => outcome::OTHER,
         };
         self.jobs.with_label_values(&[kind.as_str(), outcome]).inc();

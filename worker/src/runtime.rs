@@ -70,6 +70,11 @@ pub async fn process(env: &JobEnv, metrics: Option<&WorkerMetrics>, id: JobId) -
             tracing::info!(parent: &span, delay_ms = after.as_millis() as u64, "retrying later");
             env.store.requeue_job(id, run_at).await?;
         }
+        Step::Defer { after } => {
+            let run_at = Utc::now() + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::seconds(60));
+            tracing::debug!(parent: &span, delay_ms = after.as_millis() as u64, "rate budget exhausted; deferred");
+            env.store.defer_job(id, run_at).await?;
+        }
     }
     Ok(())
 }
@@ -82,6 +87,7 @@ fn record(metrics: &WorkerMetrics, job: &ClaimedJob, step: &Step, duration: std:
         Step::Finish(JobOutcome::Done(_)) => outcome::DONE,
         Step::Finish(JobOutcome::Failed(_)) => outcome::FAILED,
         Step::Retry { .. } => outcome::RETRIED,
+        Step::Defer { .. } => outcome::DEFERRED,
     };
     metrics.job_finished(job.record.kind, label, duration);
 }

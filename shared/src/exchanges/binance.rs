@@ -213,12 +213,11 @@ impl BinanceClient {
     ) -> Step<Sent> {
         let limit_key = bucket.limit_key();
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, weight).await {
-            return Err(CheckResult::failure(
-                CheckCode::RateLimited,
-                "Binance asked us to pause requests from our IP address; the check will be retried later.",
+            return Err(CheckResult::unsent(
+                "Requests to Binance from our IP address are paused (rate limit); nothing was sent, the check will be retried later.",
+                wait,
                 started.elapsed(),
-            )
-            .with_retry_after(wait));
+            ));
         }
 
         let mut url = self.endpoint(path);

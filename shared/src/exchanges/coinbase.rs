@@ -569,12 +569,7 @@ fn endpoint(base: &Url, path: &str) -> Url {
 }
 
 fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::failure(
-        CheckCode::RateLimited,
-        "Requests to Coinbase with this key are paused after a rate limit; nothing was sent.",
-        started.elapsed(),
-    )
-    .with_retry_after(wait)
+    CheckResult::unsent("Requests to Coinbase with this key are paused after a rate limit; nothing was sent.", wait, started.elapsed())
 }
 
 fn unavailable(status: reqwest::StatusCode, started: Instant) -> CheckResult {

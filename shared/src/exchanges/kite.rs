@@ -385,12 +385,7 @@ fn endpoint(base: &Url, path: &str) -> Url {
 }
 
 fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::failure(
-        CheckCode::RateLimited,
-        "Requests to Kite with this API key are paused after a rate limit; nothing was sent.",
-        started.elapsed(),
-    )
-    .with_retry_after(wait)
+    CheckResult::unsent("Requests to Kite with this API key are paused after a rate limit; nothing was sent.", wait, started.elapsed())
 }
 
 #[cfg(test)]

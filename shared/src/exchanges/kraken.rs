@@ -254,12 +254,11 @@ impl KrakenClient {
         let limit_key =
             LimitKey { exchange: Exchange::Kraken, bucket: PRIVATE_BUCKET, key_fingerprint: Some(fingerprint.clone()) };
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return Err(CheckResult::failure(
-                CheckCode::RateLimited,
+            return Err(CheckResult::unsent(
                 "Kraken's rate limit for this key has been reached; the check will be retried later.",
+                wait,
                 started.elapsed(),
-            )
-            .with_retry_after(wait));
+            ));
         }
 
         // Held from nonce allocation until the answer is read: requests with this key go one at a time.

@@ -128,6 +128,10 @@ pub struct CheckResult {
     /// Set with `rate_limited`: how long the exchange asked us to wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// Our own rate gate refused the request, so nothing reached the exchange (see
+    /// [`CheckResult::unsent`]). Not part of the stored or served result.
+    #[serde(skip)]
+    pub unsent: bool,
 }
 
 impl CheckResult {
@@ -140,6 +144,7 @@ impl CheckResult {
             permissions,
             warnings,
             retry_after_ms: None,
+            unsent: false,
         }
     }
 
@@ -153,12 +158,21 @@ impl CheckResult {
             permissions: None,
             warnings: Vec::new(),
             retry_after_ms: None,
+            unsent: false,
         }
     }
 
     pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after_ms = Some(duration_ms(retry_after));
         self
+    }
+
+    /// `rate_limited` because [`RateGate::acquire`] refused: no request was sent, try again
+    /// after `wait`. Jobs reschedule these without spending an attempt.
+    pub fn unsent(message: impl Into<String>, wait: Duration, latency: Duration) -> Self {
+        let mut result = Self::failure(CheckCode::RateLimited, message, latency).with_retry_after(wait);
+        result.unsent = true;
+        result
     }
 }
 

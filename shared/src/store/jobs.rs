@@ -165,7 +165,15 @@ impl Store {
     /// transaction). `false` if it is not running any more.
     #[tracing::instrument(skip_all, fields(job_id = %id, %run_at), err)]
     pub async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
-        dispatch!(self, s => s.requeue_job(id, run_at).await)
+        dispatch!(self, s => s.requeue_job(id, run_at, false).await)
+    }
+
+    /// Like [`Store::requeue_job`], but the attempt just claimed does not count: nothing reached
+    /// the exchange (our own rate limit said "not yet"), so the job must not run out of retries
+    /// by waiting for its turn.
+    #[tracing::instrument(skip_all, fields(job_id = %id, %run_at), err)]
+    pub async fn defer_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
+        dispatch!(self, s => s.requeue_job(id, run_at, true).await)
     }
 
     /// Ids of queued jobs that are due, oldest first — for running jobs without the queue in

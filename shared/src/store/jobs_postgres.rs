@@ -248,14 +248,16 @@ impl PgStore {
         Ok(updated == 1)
     }
 
-    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
+    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE public.tradeeon_jobs SET status = 'queued', run_at = $2
+            "UPDATE public.tradeeon_jobs
+                SET status = 'queued', run_at = $2, attempts = attempts - CASE WHEN $3 THEN 1 ELSE 0 END
               WHERE id = $1 AND status = 'running'",
         )
         .bind(id.to_string())
         .bind(run_at)
+        .bind(refund_attempt)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -187,11 +187,15 @@ impl SqliteStore {
         Ok(updated == 1)
     }
 
-    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
+    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
         let mut tx = begin_write(&self.pool).await?;
-        let updated = sqlx::query("UPDATE tradeeon_jobs SET status = 'queued', run_at = ?2 WHERE id = ?1 AND status = 'running'")
+        let updated = sqlx::query(
+            "UPDATE tradeeon_jobs SET status = 'queued', run_at = ?2, attempts = attempts - ?3
+              WHERE id = ?1 AND status = 'running'",
+        )
             .bind(id.to_string())
             .bind(ts(run_at))
+            .bind(i64::from(refund_attempt))
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -204,6 +204,11 @@ pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: Connecti
         _ => {
             let credentials = stored_credentials(env, &record, &encrypted).await?;
             let result = env.check(record.exchange, &credentials).await;
+            if result.unsent {
+                // Our rate gate held the request back: nothing was learnt about the connection,
+                // so nothing is recorded; the check runs when the budget frees.
+                return Ok(super::defer(&result));
+            }
             (result, true)
         }
     };

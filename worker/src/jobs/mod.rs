@@ -152,6 +152,9 @@ pub enum Step {
     Finish(JobOutcome),
     /// Run it again after `after` (`Store::requeue_job`). `last` is the result of this attempt.
     Retry { after: Duration, last: Option<CheckResult> },
+    /// Our rate gate refused to send anything: run it again after `after`, without counting
+    /// this attempt (`Store::defer_job`).
+    Defer { after: Duration },
 }
 
 /// Runs one attempt of a claimed job.
@@ -261,6 +264,10 @@ pub fn apply_policy(policy: &CheckPolicy, mut result: CheckResult) -> CheckResul
 
 /// Whether this failed check should be retried (see the module docs).
 pub(crate) fn retries(job: &ClaimedJob, result: &CheckResult) -> bool {
+    if result.unsent {
+        // Nothing was sent: waiting for our own budget is not a failed attempt.
+        return true;
+    }
     !result.ok
         && result.code.is_transient()
         && job.record.kind.retries_transient_failures()
@@ -273,8 +280,22 @@ pub(crate) fn settle(job: &ClaimedJob, result: CheckResult) -> Step {
 }
 
 pub(crate) fn retry(job: &ClaimedJob, result: CheckResult) -> Step {
+    if result.unsent {
+        return defer(&result);
+    }
     let after = retry_delay(job.record.attempts, result.retry_after_ms.map(Duration::from_millis));
     Step::Retry { after, last: Some(result) }
+}
+
+/// Re-runs a job whose request our rate gate held back, when the gate says the budget frees,
+/// plus up to 10% (at least 20 ms) so the jobs it held back together do not all come back in
+/// the same instant.
+pub(crate) fn defer(result: &CheckResult) -> Step {
+    use rand::Rng;
+    let wait = Duration::from_millis(result.retry_after_ms.unwrap_or(1_000));
+    let spread = wait.mul_f64(0.1).max(Duration::from_millis(20));
+    let after = wait + spread.mul_f64(rand::thread_rng().gen_range(0.0..=1.0));
+    Step::Defer { after }
 }
 
 pub(crate) fn failed(message: &str) -> JobResult {

@@ -134,6 +134,10 @@ impl TestApp {
                 let run_at = Utc::now() + chrono::Duration::from_std(*after).expect("delay");
                 assert!(self.store.requeue_job(id, run_at).await.expect("requeue"));
             }
+            Step::Defer { after } => {
+                let run_at = Utc::now() + chrono::Duration::from_std(*after).expect("delay");
+                assert!(self.store.defer_job(id, run_at).await.expect("defer"));
+            }
         }
         Some(step)
     }
@@ -190,6 +194,14 @@ pub fn retried(step: &Step) -> (std::time::Duration, &tradeeon_shared::exchanges
     match step {
         Step::Retry { after, last: Some(result) } => (*after, result),
         other => panic!("expected a retry with a result, got {other:?}"),
+    }
+}
+
+/// The delay of an attempt our rate gate held back (nothing sent, attempt not counted).
+pub fn deferred(step: &Step) -> std::time::Duration {
+    match step {
+        Step::Defer { after } => *after,
+        other => panic!("expected a deferral, got {other:?}"),
     }
 }
 

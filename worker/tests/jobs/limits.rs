@@ -24,10 +24,8 @@ async fn a_paused_bucket_sends_nothing(store: Store) {
     let secret = sim_kraken::seeded_secret(sim_kraken::SEEDED_FULL_KEY);
     let step =
         app.run_once(app.enqueue_test(Exchange::Kraken, &Keys::new(sim_kraken::SEEDED_FULL_KEY, &secret)).await).await;
-    let (after, result) = retried(&step);
-    assert_eq!(result.code, CheckCode::RateLimited);
-    assert!(result.retry_after_ms.unwrap() > 59_000, "{result:?}");
-    assert!(after > Duration::from_secs(59), "the retry waits for the pause: {after:?}");
+    let after = deferred(&step);
+    assert!(after > Duration::from_secs(59) && after < Duration::from_secs(67), "deferred until the pause ends: {after:?}");
     assert_eq!(app.requests(Exchange::Kraken), 0, "nothing was sent");
     // Another key is not paused.
     let other = sim_kraken::seeded_secret(sim_kraken::SEEDED_READ_ONLY_KEY);
@@ -49,11 +47,12 @@ async fn binance_retry_after_is_respected_and_never_escalates_to_a_ban(store: St
     assert_eq!(result.code, CheckCode::RateLimited);
     assert!(after >= Duration::from_secs(30));
     assert_eq!(app.requests(Exchange::Binance), 1);
-    // Retried (and new checks started) before Retry-After ends: refused locally, nothing sent.
+    // Retried (and new checks started) before Retry-After ends: held back locally, nothing
+    // sent, deferred to when the pause ends.
     let second = app.run_once(id).await;
-    assert_eq!(retried(&second).1.code, CheckCode::RateLimited);
+    assert!(deferred(&second) >= Duration::from_secs(28), "{second:?}");
     let other = app.run_once(app.enqueue_test(Exchange::Binance, &keys).await).await;
-    assert_eq!(retried(&other).1.code, CheckCode::RateLimited);
+    assert!(deferred(&other) >= Duration::from_secs(28), "{other:?}");
     let requests = app.sim.state.faults.requests(Exchange::Binance);
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert!(requests.iter().all(|r| r.status != 418));
@@ -80,7 +79,7 @@ async fn after_a_binance_429_no_api_request_is_sent_until_retry_after(store: Sto
     }
     for _ in 0..3 {
         let step = app.run_once(app.enqueue_test(Exchange::Binance, &keys).await).await;
-        assert_eq!(retried(&step).1.code, CheckCode::RateLimited);
+        deferred(&step);
     }
     // Each check probes /sapi first (404 on the testnet, its own bucket), then needs /api, which
     // is paused after the 429: no /api request follows it, so Binance never bans us.
@@ -100,12 +99,21 @@ async fn budgets_are_enforced_with_small_budgets(store: Store) {
     for _ in 0..2 {
         assert!(done(&app.run_once(app.enqueue_test(Exchange::Coinbase, &keys).await).await).ok);
     }
-    let step = app.run_once(app.enqueue_test(Exchange::Coinbase, &keys).await).await;
-    let (_, result) = retried(&step);
-    assert_eq!(result.code, CheckCode::RateLimited);
-    let wait = result.retry_after_ms.unwrap();
-    assert!(wait > 0 && wait <= 500, "one request comes back every 500 ms: {wait}");
+    let id = app.enqueue_test(Exchange::Coinbase, &keys).await;
+    let step = app.run_once(id).await;
+    let wait = deferred(&step);
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(550), "one request comes back every 500 ms: {wait:?}");
     assert_eq!(app.requests(Exchange::Coinbase), 2, "the third check sent nothing");
+    // Waiting for the budget is not a failed attempt: deferred more often than a job may retry,
+    // it still runs once the budget frees, and only the attempt that ran counts.
+    for _ in 0..tradeeon_shared::jobs::MAX_ATTEMPTS + 2 {
+        let job = app.store.claim_job(id).await.unwrap().expect("claimable");
+        assert_eq!(job.record.attempts, 1, "a deferral refunds its attempt");
+        assert!(app.store.defer_job(id, chrono::Utc::now()).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(done(&app.run_once(id).await).ok);
+    assert_eq!(app.job(id).await.attempts, 1);
 }
 
 both_backends!(
