@@ -280,6 +280,10 @@ pub struct StatusUpdate {
     pub permissions: Option<Permissions>,
     pub consecutive_failures: i32,
     pub checked_at: DateTime<Utc>,
+    /// The `credentials_version` the check ran with: the update applies only while those are
+    /// still the connection's credentials, so a check of keys that a rotation has just replaced
+    /// can never overwrite the new keys' status.
+    pub credentials_version: i32,
 }
 
 /// One row of health history.
@@ -561,7 +565,8 @@ impl Store {
     }
 
     /// Records a health check's outcome on an active connection (not `updated_at`, which
-    /// tracks changes made by the user). `false` if the connection is gone or revoked.
+    /// tracks changes made by the user). `false` if the connection is gone or revoked, or its
+    /// credentials are no longer those of `update.credentials_version`.
     #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
     pub async fn update_status(&self, id: ConnectionId, update: StatusUpdate) -> Result<bool> {
         dispatch!(self, s => s.update_status(id, &update).await)

@@ -280,7 +280,7 @@ impl PgStore {
                  status = $2, status_message = $3, last_latency_ms = $4,
                  permissions = COALESCE($5, permissions), consecutive_failures = $6,
                  last_checked_at = $7
-             WHERE id = $1 AND is_active",
+             WHERE id = $1 AND is_active AND credentials_version = $8",
         )
         .bind(id.0)
         .bind(update.status.as_str())
@@ -289,6 +289,7 @@ impl PgStore {
         .bind(permissions)
         .bind(update.consecutive_failures)
         .bind(update.checked_at)
+        .bind(update.credentials_version)
         .execute(&self.pool)
         .await?
         .rows_affected();

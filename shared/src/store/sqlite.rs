@@ -279,7 +279,7 @@ impl SqliteStore {
                  status = ?2, status_message = ?3, last_latency_ms = ?4,
                  permissions = COALESCE(?5, permissions), consecutive_failures = ?6,
                  last_checked_at = ?7
-             WHERE id = ?1 AND is_active = 1",
+             WHERE id = ?1 AND is_active = 1 AND credentials_version = ?8",
         )
         .bind(id.0.to_string())
         .bind(update.status.as_str())
@@ -288,6 +288,7 @@ impl SqliteStore {
         .bind(permissions)
         .bind(update.consecutive_failures)
         .bind(ts(update.checked_at))
+        .bind(update.credentials_version)
         .execute(&self.pool)
         .await?
         .rows_affected();

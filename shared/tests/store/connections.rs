@@ -40,6 +40,7 @@ async fn upsert_inserts_then_updates_the_same_row(store: Store) {
                 permissions: Some(Permissions { read: true, ..Default::default() }),
                 consecutive_failures: 3,
                 checked_at: Utc::now(),
+                credentials_version: first.credentials_version,
             },
         )
         .await

@@ -67,6 +67,7 @@ async fn update_status_records_a_check(store: Store) {
                 permissions: Some(permissions),
                 consecutive_failures: 0,
                 checked_at,
+                credentials_version: conn.credentials_version,
             },
         )
         .await
@@ -89,6 +90,7 @@ async fn update_status_records_a_check(store: Store) {
                 permissions: None,
                 consecutive_failures: 2,
                 checked_at: at(1),
+                credentials_version: conn.credentials_version,
             },
         )
         .await
@@ -100,6 +102,25 @@ async fn update_status_records_a_check(store: Store) {
     assert_eq!(record.consecutive_failures, 2);
     assert_eq!(record.permissions, Some(permissions));
 
+    // A check of credentials that a rotation replaced meanwhile is not applied.
+    let version = conn.credentials_version;
+    let hint = ApiKeyHint::from_api_key("NEWKEY123456");
+    let rotated = AuditEntryInput::new(AuditAction::Rotated);
+    assert!(store.swap_credentials(conn.id, version, creds("rotated"), hint, rotated).await.unwrap());
+    let stale = StatusUpdate {
+        status: ConnectionStatus::Error,
+        status_message: Some("old keys rejected".into()),
+        latency_ms: Some(9),
+        permissions: None,
+        consecutive_failures: 3,
+        checked_at: at(0),
+        credentials_version: version,
+    };
+    assert!(!store.update_status(conn.id, stale).await.unwrap(), "stale credentials_version");
+    let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
+    assert_ne!(record.status, ConnectionStatus::Error);
+    let conn = record;
+
     store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
     let update = StatusUpdate {
         status: ConnectionStatus::Connected,
@@ -108,6 +129,7 @@ async fn update_status_records_a_check(store: Store) {
         permissions: None,
         consecutive_failures: 0,
         checked_at: at(0),
+        credentials_version: conn.credentials_version,
     };
     assert!(!store.update_status(conn.id, update.clone()).await.unwrap(), "revoked");
     assert!(!store.update_status(ConnectionId::new_random(), update).await.unwrap(), "unknown");

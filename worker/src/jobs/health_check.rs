@@ -230,6 +230,7 @@ pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: Connecti
         permissions: decision.permissions,
         consecutive_failures: decision.consecutive_failures,
         checked_at,
+        credentials_version: version,
     };
     if !env.store.update_status(connection_id, update).await? {
         return failed(REVOKED);

@@ -353,6 +353,7 @@ pub(crate) async fn record_check(
         permissions: result.permissions,
         consecutive_failures,
         checked_at,
+        credentials_version: record.credentials_version,
     };
     if !env.store.update_status(record.id, update).await? {
         return Ok(false);
