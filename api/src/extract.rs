@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
 use serde::de::DeserializeOwned;
@@ -271,6 +271,22 @@ fn quoted(text: &str, prefix: &str) -> Option<String> {
     let rest = &text[start..];
     let end = rest.find('`')?;
     Some(rest[..end].chars().filter(|c| !c.is_control()).take(64).collect())
+}
+
+/// The `{id}` segment of a path, percent-decoded. axum's own `Path` rejection (for a segment that
+/// is not UTF-8 once decoded, e.g. `/jobs/%FF`) is a plain-text 400; this one answers in the
+/// API's error format, as the document says every error does.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(_) => Err(ApiError::bad_request("invalid_id", "The id in the path is not valid UTF-8.", Some("id"))),
+        }
+    }
 }
 
 /// A connection id from the path; anything but a UUID is a 400.

@@ -28,6 +28,11 @@ fn connection_status_schema() -> RefOr<Schema> {
 fn audit_action_schema() -> RefOr<Schema> {
     string_enum(&AuditAction::ALL.iter().map(|e| e.as_str()).collect::<Vec<_>>())
 }
+/// What `POST /connections` and `POST /connections/test` accept: the exchanges connected with a
+/// static API key (Zerodha has its own login flow).
+fn static_key_exchange_schema() -> RefOr<Schema> {
+    string_enum(&Exchange::ALL.iter().filter(|e| **e != Exchange::Zerodha).map(|e| e.as_str()).collect::<Vec<_>>())
+}
 fn job_kind_schema() -> RefOr<Schema> {
     string_enum(&JobKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())
 }
@@ -46,15 +51,15 @@ fn check_code_schema() -> RefOr<Schema> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionRequest {
-    /// `binance`, `coinbase` or `kraken` (case-insensitive). Zerodha connects through
-    /// `/connections/zerodha/login`.
-    #[schema(example = "binance")]
+    /// `binance`, `coinbase` or `kraken`. Zerodha connects through `/connections/zerodha/login`
+    /// (sent here, it answers `400 use_zerodha_login`).
+    #[schema(schema_with = static_key_exchange_schema)]
     pub exchange: String,
     /// The API key (Coinbase CDP: the key name `organizations/{org}/apiKeys/{id}`). At most 4096 bytes.
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_key: SecretValue,
     /// The API secret (Coinbase CDP: the private key, PEM or base64 Ed25519; Kraken: base64).
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_secret: SecretValue,
     /// Coinbase Exchange keys' passphrase, or a Kraken key's two-factor password. Not for Binance.
     #[serde(default)]
@@ -70,9 +75,9 @@ pub struct ConnectionRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_key: SecretValue,
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_secret: SecretValue,
     #[serde(default)]
     #[schema(value_type = Option<String>, format = Password, max_length = 4096)]
@@ -83,9 +88,9 @@ pub struct RotateRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ZerodhaLoginRequest {
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_key: SecretValue,
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub api_secret: SecretValue,
 }
 
@@ -94,9 +99,10 @@ pub struct ZerodhaLoginRequest {
 #[serde(deny_unknown_fields)]
 pub struct ZerodhaSessionRequest {
     /// The `request_token` query parameter of Kite's redirect.
-    #[schema(value_type = String, format = Password, max_length = 4096)]
+    #[schema(value_type = String, format = Password, min_length = 1, max_length = 4096)]
     pub request_token: SecretValue,
     /// The `state` query parameter of Kite's redirect, as `/connections/zerodha/login` issued it.
+    #[schema(min_length = 1)]
     pub state: String,
 }
 

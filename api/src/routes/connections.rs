@@ -1,7 +1,7 @@
 //! Connections: list, connect, test, rotate, revoke, and the audit log.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use super::{encrypt, enqueue};
 use crate::error::ErrorBody;
-use crate::extract::{self, ApiJson, AuthUser, ClientMeta};
+use crate::extract::{self, ApiJson, AuthUser, ClientMeta, PathId};
 use crate::validate;
 use crate::views::{
     AuditEntryView, ConnectionAccepted, ConnectionRequest, ConnectionView, JobAccepted, MessageView, RotateRequest,
@@ -157,7 +157,7 @@ async fn test_connection(
     path = "/connections/{id}/rotate",
     tag = "connections",
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "Connection id (UUID)")),
+    params(("id" = Uuid, Path, description = "Connection id")),
     request_body = RotateRequest,
     responses(
         (status = 202, description = "Queued; the keys are swapped only if the new ones pass", body = JobAccepted),
@@ -175,7 +175,7 @@ async fn test_connection(
 async fn rotate_connection(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     ApiJson(body): ApiJson<RotateRequest>,
 ) -> Result<(StatusCode, Json<JobAccepted>), ApiError> {
     let id = extract::connection_id(&id)?;
@@ -206,7 +206,7 @@ async fn rotate_connection(
     path = "/connections/{id}",
     tag = "connections",
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "Connection id (UUID)")),
+    params(("id" = Uuid, Path, description = "Connection id")),
     responses(
         (status = 200, description = "Revoked", body = MessageView),
         (status = 400, description = "The id is not a UUID", body = ErrorBody),
@@ -220,7 +220,7 @@ async fn revoke_connection(
     State(state): State<AppState>,
     user: AuthUser,
     meta: ClientMeta,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<MessageView>, ApiError> {
     let id = extract::connection_id(&id)?;
     let mut tx = state.store.begin_user(&user.0).await?;
@@ -237,9 +237,11 @@ async fn revoke_connection(
 #[into_params(parameter_in = Query)]
 struct AuditQuery {
     /// Page size, 1–1000. Default 50.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
     /// Cursor: entries older than this one. Take it from the previous page's `Link: rel="next"`
-    /// header (`<unix microseconds>.<entry id without hyphens>`).
+    /// header (`<unix microseconds>.<entry id without hyphens>`); empty means none.
+    #[param(pattern = r"^([0-9]{1,16}\.[0-9a-f]{32})?$")]
     before: Option<String>,
 }
 

@@ -1,12 +1,12 @@
 //! Job status: what the API enqueued, as the workers left it.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::ErrorBody;
-use crate::extract::{self, AuthUser};
+use crate::extract::{self, AuthUser, PathId};
 use crate::views::JobView;
 use crate::{ApiError, AppState};
 
@@ -20,7 +20,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     path = "/jobs/{id}",
     tag = "jobs",
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "Job id (ULID)")),
+    params(("id" = String, Path, description = "Job id (a ULID)", min_length = 26, max_length = 26, pattern = r"^[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{26}$")),
     responses(
         (status = 200, description = "The job", body = JobView),
         (status = 400, description = "The id is not a ULID", body = ErrorBody),
@@ -29,11 +29,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), job_id = %id), err(level = "info"))]
-async fn get_job(
-    State(state): State<AppState>,
-    user: AuthUser,
-    Path(id): Path<String>,
-) -> Result<Json<JobView>, ApiError> {
+async fn get_job(State(state): State<AppState>, user: AuthUser, PathId(id): PathId) -> Result<Json<JobView>, ApiError> {
     let id = extract::job_id(&id)?;
     let job = state.store.get_job(&user.0, id).await?.ok_or(ApiError::NotFound)?;
     Ok(Json(job.into()))

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::net::TcpListener;
 use tradeeon_shared::config::Config;
-use tradeeon_shared::exchanges::{CheckCode, CheckResult};
+use tradeeon_shared::exchanges::CheckResult;
 use tradeeon_shared::jobs::{JobId, JobOutcome};
 use tradeeon_shared::store::Store;
 use tradeeon_shared::vault::Keyring;
@@ -268,15 +268,7 @@ impl TestApp {
     pub async fn finish_job(&self, job_id: &str) {
         let id: JobId = job_id.parse().expect("job id");
         self.store.claim_job(id).await.expect("claim").expect("claimable");
-        let result = CheckResult {
-            ok: true,
-            code: CheckCode::Ok,
-            message: "Credentials are valid.".into(),
-            latency_ms: 12,
-            permissions: None,
-            warnings: vec![],
-            retry_after_ms: None,
-        };
+        let result = CheckResult::success(Duration::from_millis(12), None, vec![]);
         assert!(self.store.finish_job(id, &JobOutcome::Done(result)).await.expect("finish"));
     }
 

@@ -4,7 +4,11 @@ use serde_json::{Value, json};
 
 use crate::helpers::{self, TestApp};
 
-both!(bad_bodies_get_clear_errors_and_change_nothing, bad_transport_gets_clear_errors);
+both!(
+    bad_bodies_get_clear_errors_and_change_nothing,
+    bad_transport_gets_clear_errors,
+    ids_that_are_not_utf8_get_the_error_format,
+);
 both_with!([("API_USER_RATE_LIMIT_PER_MINUTE", "3")], writes_are_rate_limited_per_user);
 
 async fn bad_bodies_get_clear_errors_and_change_nothing(app: TestApp) {
@@ -154,4 +158,31 @@ async fn writes_are_rate_limited_per_user(app: TestApp) {
     }
     assert_eq!(app.post("/connections/test", Some(&other), &body).await.status(), 202);
     assert_eq!(app.count("tradeeon_jobs").await, 4);
+}
+
+/// Found while fuzzing (issue 7, scenario 6): a path id that is not UTF-8 once percent-decoded
+/// (`/jobs/%FF`) got axum's own plain-text 400 instead of the API's JSON error body.
+async fn ids_that_are_not_utf8_get_the_error_format(app: TestApp) {
+    let user = app.user();
+    for (method, path) in [
+        ("GET", "/jobs/%FF"),
+        ("GET", "/jobs/%C0%80"),
+        ("DELETE", "/connections/%FF"),
+        ("POST", "/connections/%FE%FF/rotate"),
+    ] {
+        let mut request = app.client.request(method.parse().unwrap(), app.url(path)).bearer_auth(&user.token);
+        if method == "POST" {
+            request = request.json(&json!({ "api_key": "k", "api_secret": "s" }));
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.headers()["content-type"].to_str().unwrap(), "application/json", "{method} {path}");
+        let error = helpers::error_of(response, 400).await;
+        assert_eq!(
+            (error["code"].as_str(), error["field"].as_str()),
+            (Some("invalid_id"), Some("id")),
+            "{method} {path}"
+        );
+    }
+    // Still a 401 first without a token.
+    helpers::error_of(app.get("/jobs/%FF", None).await, 401).await;
 }
