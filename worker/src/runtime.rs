@@ -130,14 +130,56 @@ pub fn worker_name() -> String {
 
 /// Consumes the queue until `shutdown` resolves; then stops taking tickets and lets the running
 /// jobs finish (ECS gives the task its stop timeout for that).
+///
+/// apalis stops a worker on the first failed poll of its backend (the database restarting, a
+/// failover). The process must outlive that: the runner starts a new apalis worker, under a new
+/// name, after a backoff of 1 s doubling to 30 s, until shutdown. Tickets the stopped instance
+/// had fetched are handed over by the orphan rule (its heartbeats stop), and claiming is
+/// idempotent, so nothing runs twice at once and nothing is lost.
 pub async fn run_queue(
     env: Arc<JobEnv>,
     metrics: Option<WorkerMetrics>,
     settings: RuntimeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store: Store = env.store.clone();
+    use futures::FutureExt;
+    let shutdown = shutdown.boxed().shared();
     let runner = Arc::new(Runner { env, metrics });
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        match run_worker(&runner, &settings, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(err) if shutdown.peek().is_some() => {
+                tracing::info!(error = format!("{err:#}"), "job runner stopped with an error during shutdown");
+                return Ok(());
+            }
+            Err(err) => {
+                tracing::warn!(
+                    error = format!("{err:#}"),
+                    restart_in_ms = backoff.as_millis() as u64,
+                    "job runner stopped (queue unreachable?); restarting"
+                );
+            }
+        }
+        tokio::select! {
+            () = shutdown.clone() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    }
+}
+
+/// Restarts of the queue runner wait this long at first, doubling up to [`RESTART_BACKOFF_MAX`].
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One apalis worker instance, until `shutdown` (Ok) or a backend failure (Err).
+async fn run_worker(
+    runner: &Arc<Runner>,
+    settings: &RuntimeSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store: Store = runner.env.store.clone();
     let name = worker_name();
     tracing::info!(worker = %name, concurrency = settings.concurrency, backend = %store.backend(), "job runner started");
     let stop = async move {
