@@ -183,18 +183,19 @@ async fn rotate_connection(
     validate::not_zerodha(connection.exchange)?;
     let credentials =
         validate::credentials(connection.exchange, &body.api_key, &body.api_secret, body.passphrase.as_ref())?;
+    let encrypted = encrypt(&state, &credentials);
+    let api_key_hint = ApiKeyHint::from_api_key(credentials.api_key.expose()).as_str().to_owned();
+    drop(credentials);
+    let mut tx = state.store.begin_service().await?;
+    // The version the new keys replace is read in the enqueueing transaction: a rotation that
+    // finished since `get_connection` above has bumped it, one still running makes the insert
+    // conflict (409).
+    let expected_version = tx.credentials_version(id).await?.ok_or(ApiError::NotFound)?;
     let job = NewJob::new(
         user.id(),
         connection.exchange,
-        JobPayload::Rotate {
-            connection_id: id,
-            expected_version: connection.credentials_version,
-            credentials: encrypt(&state, &credentials),
-            api_key_hint: ApiKeyHint::from_api_key(credentials.api_key.expose()).as_str().to_owned(),
-        },
+        JobPayload::Rotate { connection_id: id, expected_version, credentials: encrypted, api_key_hint },
     );
-    drop(credentials);
-    let tx = state.store.begin_service().await?;
     let job = enqueue(&state, tx, &job).await?.ok_or_else(unexpected_duplicate)?;
     Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
 }

@@ -63,6 +63,18 @@ impl ServiceTx {
         }
     }
 
+    /// The active connection's `credentials_version`, read (and on PostgreSQL the row locked)
+    /// inside this transaction: what a rotation enqueued in it must expect to replace. Read
+    /// earlier, outside the transaction, it could be stale by the time the job is inserted (a
+    /// previous rotation swapping and settling in between), and the worker would then refuse a
+    /// rotation nothing had overtaken. `None`: no such active connection.
+    pub async fn credentials_version(&mut self, connection_id: ConnectionId) -> Result<Option<i32>> {
+        match self {
+            ServiceTx::Postgres(tx) => jobs_postgres::credentials_version(&mut tx.tx, connection_id).await,
+            ServiceTx::Sqlite(tx) => jobs_sqlite::credentials_version(tx, connection_id).await,
+        }
+    }
+
     /// Settles the queued credential-changing jobs of a connection that is being revoked, and
     /// wipes their payloads (a pending rotation's new keys must not outlive the revoke). A job
     /// already running notices the revoke when it tries to apply its result.

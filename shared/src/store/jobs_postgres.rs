@@ -140,6 +140,15 @@ pub(super) async fn cancel_connection_jobs(
     .rows_affected())
 }
 
+pub(super) async fn credentials_version(conn: &mut PgConnection, connection_id: ConnectionId) -> Result<Option<i32>> {
+    Ok(sqlx::query_scalar(
+        "SELECT credentials_version FROM public.exchange_keys WHERE id = $1 AND is_active FOR UPDATE",
+    )
+    .bind(connection_id.0)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
 fn job_from_row(row: &PgRow) -> Result<JobRecord> {
     let id: String = row.try_get("id")?;
     let result: Option<Value> = row.try_get("result")?;

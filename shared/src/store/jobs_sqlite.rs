@@ -85,6 +85,14 @@ pub(super) async fn cancel_connection_jobs(
     .rows_affected())
 }
 
+pub(super) async fn credentials_version(conn: &mut SqliteConnection, connection_id: ConnectionId) -> Result<Option<i32>> {
+    // The write transaction (`BEGIN IMMEDIATE`) already excludes every other writer.
+    Ok(sqlx::query_scalar("SELECT credentials_version FROM exchange_keys WHERE id = ?1 AND is_active = 1")
+        .bind(connection_id.0.to_string())
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
 fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
     let result: Option<String> = row.try_get("result")?;
     Ok(JobRecord {

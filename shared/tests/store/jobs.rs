@@ -225,7 +225,26 @@ async fn queue_stats_report_depth_and_age(store: Store) {
     assert!(age >= std::time::Duration::from_secs(89) && age < std::time::Duration::from_secs(150), "{age:?}");
 }
 
+/// A rotation's expected version is read inside its enqueueing transaction, so it is the
+/// version current when the job is inserted, not one read earlier.
+async fn credentials_version_is_read_in_the_enqueueing_transaction(store: Store) {
+    let alice = user(&store).await;
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "v1"), None).await.unwrap();
+    let hint = tradeeon_shared::domain::ApiKeyHint::from_api_key("NEWKEY123456");
+    let rotated = AuditEntryInput::new(AuditAction::Rotated);
+    assert!(store.swap_credentials(conn.id, conn.credentials_version, creds("v2"), hint, rotated).await.unwrap());
+
+    let mut tx = store.begin_service().await.unwrap();
+    assert_eq!(tx.credentials_version(conn.id).await.unwrap(), Some(conn.credentials_version + 1));
+    assert_eq!(tx.credentials_version(tradeeon_shared::domain::ConnectionId::new_random()).await.unwrap(), None);
+    drop(tx);
+    store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+    let mut tx = store.begin_service().await.unwrap();
+    assert_eq!(tx.credentials_version(conn.id).await.unwrap(), None, "revoked");
+}
+
 contract!(
+    credentials_version_is_read_in_the_enqueueing_transaction,
     enqueue_is_atomic_with_the_connection_write,
     one_credential_change_per_connection,
     idempotency_key_enqueues_once,
