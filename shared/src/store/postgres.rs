@@ -61,7 +61,11 @@ impl PgStore {
         let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10))
+            // While the server is down, sqlx retries refused connections until this runs out, so
+            // it is how long every request waits before it can answer 503 (and `/ready` must turn
+            // 503 within a second). Queries hold a connection for milliseconds: a healthy pool
+            // does not make anyone wait this long.
+            .acquire_timeout(Duration::from_millis(750))
             .connect_with(options)
             .await
             .map_err(connect_error)?;
