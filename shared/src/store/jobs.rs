@@ -125,10 +125,14 @@ impl Store {
         }
     }
 
-    /// Enqueues many jobs in one transaction (a sweep's page of health checks). Jobs whose
-    /// idempotency key was used already are skipped; returns how many were enqueued.
+    /// Enqueues many jobs atomically (a sweep's page of health checks): on PostgreSQL one
+    /// statement for all of them, on SQLite one transaction. Jobs whose idempotency key was used
+    /// already are skipped; returns how many were enqueued.
     #[tracing::instrument(skip_all, fields(jobs = jobs.len()), err)]
     pub async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<usize> {
+        if let Inner::Postgres(s) = &self.inner {
+            return jobs_postgres::insert_jobs(s, jobs).await;
+        }
         let mut tx = self.begin_service().await?;
         let mut enqueued = 0;
         for job in jobs {

@@ -243,7 +243,57 @@ async fn credentials_version_is_read_in_the_enqueueing_transaction(store: Store)
     assert_eq!(tx.credentials_version(conn.id).await.unwrap(), None, "revoked");
 }
 
+/// A sweep's page is enqueued at once (one statement on PostgreSQL): every new job gets its
+/// record and its ticket, due when its own `run_at` says, and keys used before — or twice in the
+/// page — enqueue nothing.
+async fn a_page_of_jobs_is_enqueued_at_once(store: Store) {
+    let alice = user(&store).await;
+    let mut page = Vec::new();
+    for (i, exchange) in [Exchange::Binance, Exchange::Coinbase, Exchange::Kraken].into_iter().enumerate() {
+        let connection = store.upsert_connection(&alice, new_connection(exchange, &format!("c{i}")), None).await.unwrap();
+        let mut job = NewJob::new(alice.user_id, exchange, JobPayload::HealthCheck { connection_id: connection.id });
+        job.idempotency_key = Some(format!("sweep:1700000000:{}", connection.id));
+        job.run_at = Some(Utc::now() + ChronoDuration::seconds(if i == 2 { 60 } else { 0 }));
+        page.push(job);
+    }
+    // The first key was used by an earlier enqueue; the last job repeats the second's key.
+    let mut used = page[0].clone();
+    used.id = tradeeon_shared::jobs::JobId::new();
+    assert!(store.enqueue_job(&used).await.unwrap().is_some());
+    let mut repeated = page[1].clone();
+    repeated.id = tradeeon_shared::jobs::JobId::new();
+    page.push(repeated);
+
+    assert_eq!(store.enqueue_jobs(&page).await.unwrap(), 2);
+    assert_eq!(tickets(&store).await, 3, "one ticket per enqueued job");
+    assert!(store.get_job(&alice, page[0].id).await.unwrap().is_none(), "key used before");
+    assert!(store.get_job(&alice, page[3].id).await.unwrap().is_none(), "key repeated in the page");
+    for job in &page[1..3] {
+        let record = store.get_job(&alice, job.id).await.unwrap().expect("enqueued");
+        assert_eq!(record.status, JobStatus::Queued);
+        assert_eq!(record.connection_id, job.payload.connection_id());
+    }
+    // Only the one due now is due; the ticket carries the record's run_at.
+    let due = store.due_jobs(10).await.unwrap();
+    assert!(due.contains(&page[1].id) && !due.contains(&page[2].id), "{due:?}");
+    if let Some(pool) = store.pg_pool() {
+        let lag: f64 = sqlx::query_scalar(
+            "SELECT abs(extract(epoch FROM t.run_at - j.run_at))::float8
+               FROM apalis.jobs t JOIN tradeeon_jobs j USING (id) WHERE j.id = $1",
+        )
+        .bind(page[2].id.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(lag < 0.001, "ticket and record disagree on run_at by {lag} s");
+    }
+    let claimed = store.claim_job(page[1].id).await.unwrap().expect("claimable");
+    assert_eq!(claimed.record.kind, JobKind::HealthCheck);
+    assert_eq!(store.enqueue_jobs(&[]).await.unwrap(), 0);
+}
+
 contract!(
+    a_page_of_jobs_is_enqueued_at_once,
     credentials_version_is_read_in_the_enqueueing_transaction,
     enqueue_is_atomic_with_the_connection_write,
     one_credential_change_per_connection,
