@@ -192,6 +192,15 @@ impl Store {
         dispatch!(self, s => s.requeue_job(id, run_at, true).await)
     }
 
+    /// How many calls of each coalesced statement were made, and in how many statements they
+    /// ran (PostgreSQL only; see `store::coalesce`): for benchmarks and tests.
+    pub fn coalesced_statements(&self) -> Vec<(&'static str, u64, u64)> {
+        match &self.inner {
+            Inner::Postgres(s) => s.batches.counts().into_iter().map(|(kind, (calls, runs))| (kind, calls, runs)).collect(),
+            Inner::Sqlite(_) => Vec::new(),
+        }
+    }
+
     /// Ids of queued jobs that are due, oldest first — for running jobs without the queue in
     /// tests and benchmarks.
     pub async fn due_jobs(&self, limit: u32) -> Result<Vec<JobId>> {

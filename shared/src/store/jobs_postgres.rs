@@ -1,16 +1,19 @@
 //! Job records on PostgreSQL.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use super::coalesce::{BatchFn, Coalescer, in_order};
 use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, ticket};
 use super::postgres::PgStore;
-use super::wakeups::wakeup_payload;
+use super::wakeups::{Wakeups, wakeup_payload};
 use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE};
@@ -51,83 +54,89 @@ pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Opt
     Ok(Some(record))
 }
 
-/// An audit entry of the user's that names no connection, and a job, in one statement and so
-/// one implicit transaction: the hot path of `POST /connections/test`, which would otherwise
-/// spend seven round trips (user scope, audit, service scope, job, ticket, commit). It runs as
-/// the service, so the owner is set by the statement (`user`), not by RLS.
+/// An audit entry of the user's that names no connection, and a job: the hot path of
+/// `POST /connections/test`, which would otherwise spend seven round trips (user scope, audit,
+/// service scope, job, ticket, commit). Coalesced with concurrent calls into one statement (see
+/// [`super::coalesce`]), so one implicit transaction. It runs as the service, so the owner is set
+/// by the statement (`user`), not by RLS.
 pub(super) async fn enqueue_with_audit(
     store: &PgStore,
     user: &UserContext,
     audit: &AuditEntryInput,
     job: &NewJob,
 ) -> Result<Option<JobRecord>> {
-    let query = sqlx::query(concat!(
-        insert_job_and_ticket!(),
-        ", audit AS (
-             INSERT INTO public.connection_audit_log (user_id, action, ip_address, user_agent, details)
-             SELECT $12, $13, $14::inet, $15, $16 FROM job
-         )
-         SELECT ",
-        job_columns!(),
-        " FROM job"
-    ));
-    let row = bind_job(query, job)?
-        .bind(user.user_id.0)
-        .bind(audit.action.as_str())
-        .bind(audit.ip_address.map(|ip| ip.to_string()))
-        .bind(audit.user_agent.as_deref())
-        .bind((!audit.details.is_null()).then_some(&audit.details))
-        .fetch_optional(&store.pool)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let record = job_from_row(&row)?;
-    store.wakeups.send(wakeup_payload(QUEUE, job.id.0, run_at(job)).into_iter().collect());
-    Ok(Some(record))
+    store.batches.enqueue.call((job.clone(), Some((user.user_id, audit.clone())))).await
 }
 
-/// Many job records and their tickets in one statement, from arrays. A health sweep enqueues a
-/// check per connection, page by page; row by row that was two round trips per check (~540
-/// checks per second, slower than a large sweep is meant to take), as arrays it is one per page.
-/// Same rows as [`insert_job`]; a key already used (or repeated in the page) is skipped.
+/// Many job records and their tickets in one statement: what a health sweep enqueues, page by
+/// page. Row by row that was two round trips per check (~540 checks per second, slower than a
+/// large sweep is meant to take); as arrays it is one per page. A key already used (or repeated
+/// in the page) is skipped. Returns how many were enqueued.
 pub(super) async fn insert_jobs(store: &PgStore, jobs: &[NewJob]) -> Result<usize> {
-    if jobs.is_empty() {
-        return Ok(0);
+    let items: Vec<AuditedJob> = jobs.iter().map(|job| (job.clone(), None)).collect();
+    let inserted = insert_batch(&store.pool, &store.wakeups, items).await?;
+    Ok(inserted.iter().filter(|record| record.is_some()).count())
+}
+
+/// A job to enqueue and, for the API's requests, the audit entry (and its user) written with it.
+type AuditedJob = (NewJob, Option<(UserId, AuditEntryInput)>);
+
+/// Job records, their apalis tickets and their audit entries, in one statement over arrays; the
+/// records in the order of `items`, `None` where the idempotency key was used already (or earlier
+/// in `items`). Tickets that are due wake a worker once the statement has committed.
+async fn insert_batch(pool: &PgPool, wakeups: &Wakeups, items: Vec<AuditedJob>) -> Result<Vec<Option<JobRecord>>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
     }
-    let mut ids = Vec::with_capacity(jobs.len());
-    let mut kinds = Vec::with_capacity(jobs.len());
-    let mut users = Vec::with_capacity(jobs.len());
-    let mut connections = Vec::with_capacity(jobs.len());
-    let mut exchanges = Vec::with_capacity(jobs.len());
-    let mut payloads = Vec::with_capacity(jobs.len());
-    let mut keys = Vec::with_capacity(jobs.len());
-    let mut run_ats = Vec::with_capacity(jobs.len());
-    let mut tickets = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    let n = items.len();
+    let (mut ids, mut kinds, mut users, mut connections, mut exchanges) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut payloads, mut keys, mut run_ats, mut tickets) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut audit_users, mut actions, mut ips, mut agents, mut details) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (job, audit) in &items {
         ids.push(job.id.to_string());
         kinds.push(job.payload.kind().as_str());
         users.push(job.user_id.0);
         connections.push(job.payload.connection_id().map(|c| c.0));
         exchanges.push(job.exchange.as_str());
         payloads.push(serde_json::to_value(&job.payload).map_err(|e| decode_error("payload", e))?);
-        keys.push(job.idempotency_key.as_deref());
+        keys.push(job.idempotency_key.clone());
         run_ats.push(run_at(job));
         tickets.push(serde_json::to_vec(&JobTicket { job_id: job.id }).map_err(|e| decode_error("ticket", e))?);
+        audit_users.push(audit.as_ref().map(|(user, _)| user.0));
+        actions.push(audit.as_ref().map(|(_, a)| a.action.as_str()));
+        ips.push(audit.as_ref().and_then(|(_, a)| a.ip_address.map(|ip| ip.to_string())));
+        agents.push(audit.as_ref().and_then(|(_, a)| a.user_agent.clone()));
+        details.push(audit.as_ref().and_then(|(_, a)| (!a.details.is_null()).then(|| a.details.clone())));
     }
-    let inserted: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "WITH job AS (
+    let rows = sqlx::query(concat!(
+        "WITH input AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::jsonb[],
+                                  $7::text[], $8::timestamptz[], $9::bytea[], $10::uuid[], $11::text[],
+                                  $12::text[], $13::text[], $14::jsonb[])
+                 AS i (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, ticket,
+                       audit_user_id, action, ip_address, user_agent, details)
+         ), job AS (
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[],
-                                  $6::jsonb[], $7::text[], $8::timestamptz[])
+             SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
              ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING id, run_at
+             RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
-             SELECT job.id, $9, t.ticket, 'Pending', 0, $11, job.run_at, 0
-               FROM job JOIN unnest($1::text[], $10::bytea[]) AS t (id, ticket) USING (id)
+             SELECT job.id, $15, input.ticket, 'Pending', 0, $16, job.run_at, 0 FROM job JOIN input USING (id)
+         ), audit AS (
+             INSERT INTO public.connection_audit_log (user_id, action, ip_address, user_agent, details)
+             SELECT input.audit_user_id, input.action, input.ip_address::inet, input.user_agent, input.details
+               FROM job JOIN input USING (id)
+              WHERE input.action IS NOT NULL
          )
-         SELECT id, run_at FROM job",
-    )
+         SELECT ",
+        job_columns!(),
+        " FROM job"
+    ))
     .bind(&ids)
     .bind(&kinds)
     .bind(&users)
@@ -136,20 +145,26 @@ pub(super) async fn insert_jobs(store: &PgStore, jobs: &[NewJob]) -> Result<usiz
     .bind(&payloads)
     .bind(&keys)
     .bind(&run_ats)
-    .bind(QUEUE)
     .bind(&tickets)
+    .bind(&audit_users)
+    .bind(&actions)
+    .bind(&ips)
+    .bind(&agents)
+    .bind(&details)
+    .bind(QUEUE)
     .bind(i32::from(TICKET_MAX_ATTEMPTS))
-    .fetch_all(&store.pool)
+    .fetch_all(pool)
     .await?;
-    let due = inserted
+    let records = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+    let inserted: HashSet<JobId> = records.iter().map(|record| record.id).collect();
+    let due = items
         .iter()
-        .filter_map(|(id, run_at)| {
-            let ticket: ulid::Ulid = id.parse().ok()?;
-            wakeup_payload(QUEUE, ticket, *run_at)
-        })
+        .filter(|(job, _)| inserted.contains(&job.id))
+        .filter_map(|(job, _)| wakeup_payload(QUEUE, job.id.0, run_at(job)))
         .collect();
-    store.wakeups.send(due);
-    Ok(inserted.len())
+    wakeups.send(due);
+    let keyed = records.into_iter().map(|record| (record.id, record)).collect();
+    Ok(in_order(&items.iter().map(|(job, _)| job.id).collect::<Vec<_>>(), keyed))
 }
 
 fn run_at(job: &NewJob) -> DateTime<Utc> {
@@ -234,13 +249,6 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord> {
     })
 }
 
-// `NO_FLUSH`: the worker's claim and settle statements set `synchronous_commit = off` for their
-// own (implicit) transaction, so they do not each wait for an fsync. That is safe because both
-// are followed by apalis's acknowledgement of the ticket, which commits synchronously: WAL is
-// flushed in order, so once the ack is durable the claim and settle before it are too; a crash
-// before the ack loses at most those two writes, and the ticket — still unacknowledged — runs
-// the job again (claiming and every job are idempotent). The API's writes always flush.
-
 impl PgStore {
     pub(super) async fn begin_service(&self) -> Result<ServiceTx> {
         let tx = self.pool.begin().await?;
@@ -248,20 +256,7 @@ impl PgStore {
     }
 
     pub(super) async fn get_job(&self, user: &UserContext, id: JobId) -> Result<Option<JobRecord>> {
-        // The one user-scoped read that skips the RLS transaction: the portal polls it, and the
-        // role switch costs three extra round trips (BEGIN, set_config, COMMIT) around a
-        // primary-key lookup. Ownership is in the statement itself, and the cross-user tests
-        // (api `cross_user`, store `jobs_are_private_to_their_user`) hold it to that.
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM public.tradeeon_jobs WHERE id = $1 AND user_id = $2"
-        ))
-        .bind(id.to_string())
-        .bind(user.user_id.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(job_from_row).transpose()
+        self.batches.get_job.call((id, user.user_id)).await
     }
 
     pub(super) async fn active_change_job(&self, connection_id: ConnectionId) -> Result<Option<JobId>> {
@@ -278,50 +273,11 @@ impl PgStore {
     }
 
     pub(super) async fn claim_job(&self, id: JobId) -> Result<Option<ClaimedJob>> {
-        // Claiming and settling commit without waiting for a WAL flush (see `NO_FLUSH`).
-        let row = sqlx::query(concat!(
-            "UPDATE public.tradeeon_jobs
-                SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, now())
-               FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
-              WHERE id = $1 AND status IN ('queued', 'running') AND payload IS NOT NULL
-              RETURNING user_id, payload, ",
-            job_columns!()
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let payload: Value = row.try_get("payload")?;
-        Ok(Some(ClaimedJob {
-            record: job_from_row(&row)?,
-            user_id: UserId(row.try_get("user_id")?),
-            payload: serde_json::from_value::<JobPayload>(payload).map_err(|e| decode_error("payload", e))?,
-        }))
+        self.batches.claim.call(id).await
     }
 
     pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
-        let (status, result, error) = match outcome {
-            JobOutcome::Done(result) => (
-                JobStatus::Done,
-                Some(serde_json::to_value(result).map_err(|e| decode_error("result", e))?),
-                None,
-            ),
-            JobOutcome::Failed(error) => (JobStatus::Failed, None, Some(error.as_str())),
-        };
-        let updated = sqlx::query(
-            "UPDATE public.tradeeon_jobs
-                SET status = $2, result = $3, error = $4, finished_at = now(), payload = NULL
-               FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
-              WHERE id = $1 AND status IN ('queued', 'running')",
-        )
-        .bind(id.to_string())
-        .bind(status.as_str())
-        .bind(result)
-        .bind(error)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
+        self.batches.finish.call((id, outcome.clone())).await
     }
 
     pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
@@ -382,4 +338,179 @@ impl PgStore {
             .await?
             .rows_affected())
     }
+}
+
+/// The statements the API and the workers issue most, each coalesced with concurrent calls of
+/// the same kind into one statement per batch (see [`super::coalesce`]).
+#[derive(Clone, Debug)]
+pub(super) struct PgBatches {
+    enqueue: Coalescer<AuditedJob, Option<JobRecord>>,
+    get_job: Coalescer<(JobId, UserId), Option<JobRecord>>,
+    claim: Coalescer<JobId, Option<ClaimedJob>>,
+    finish: Coalescer<(JobId, JobOutcome), bool>,
+}
+
+/// Most calls in one statement.
+const MAX_BATCH: usize = 128;
+
+impl PgBatches {
+    /// `(calls, statements)` per kind of batched statement, since start.
+    pub(super) fn counts(&self) -> [(&'static str, (u64, u64)); 4] {
+        [
+            ("enqueue", self.enqueue.counts()),
+            ("get_job", self.get_job.counts()),
+            ("claim", self.claim.counts()),
+            ("finish", self.finish.counts()),
+        ]
+    }
+
+    /// Starts the dispatchers on the current Tokio runtime. A quarter of the pool's connections
+    /// (at least one) may run batches of each kind at once: fewer lanes make larger batches and
+    /// less work for the database per call, more lanes less waiting for a free lane; the rest of
+    /// the pool stays free for every other statement.
+    pub(super) fn start(pool: &PgPool, wakeups: &Wakeups, max_connections: u32) -> Self {
+        let lanes = (max_connections as usize / 4).max(1);
+        let enqueue = {
+            let (pool, wakeups) = (pool.clone(), wakeups.clone());
+            batch_fn(move |items| {
+                let (pool, wakeups) = (pool.clone(), wakeups.clone());
+                async move { insert_batch(&pool, &wakeups, items).await }
+            })
+        };
+        let get_job = {
+            let pool = pool.clone();
+            batch_fn(move |keys| {
+                let pool = pool.clone();
+                async move { get_jobs(&pool, keys).await }
+            })
+        };
+        let claim = {
+            let pool = pool.clone();
+            batch_fn(move |ids| {
+                let pool = pool.clone();
+                async move { claim_jobs(&pool, ids).await }
+            })
+        };
+        let finish = {
+            let pool = pool.clone();
+            batch_fn(move |outcomes| {
+                let pool = pool.clone();
+                async move { finish_jobs(&pool, outcomes).await }
+            })
+        };
+        Self {
+            enqueue: Coalescer::start(lanes, MAX_BATCH, enqueue),
+            get_job: Coalescer::start(lanes, MAX_BATCH, get_job),
+            claim: Coalescer::start(lanes, MAX_BATCH, claim),
+            finish: Coalescer::start(lanes, MAX_BATCH, finish),
+        }
+    }
+}
+
+fn batch_fn<I, O, F, Fut>(f: F) -> BatchFn<I, O>
+where
+    F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Vec<O>>> + Send + 'static,
+{
+    Arc::new(move |inputs| Box::pin(f(inputs)))
+}
+
+/// The callers' jobs, each only if it is theirs: ownership is in the statement itself (no RLS
+/// transaction — the portal polls this, and the role switch would cost three extra round trips
+/// around a primary-key lookup), and the cross-user tests (api `cross_user`, store
+/// `jobs_are_private_to_their_user`) hold it to that.
+async fn get_jobs(pool: &PgPool, keys: Vec<(JobId, UserId)>) -> Result<Vec<Option<JobRecord>>> {
+    let ids: Vec<String> = keys.iter().map(|(id, _)| id.to_string()).collect();
+    let users: Vec<Uuid> = keys.iter().map(|(_, user)| user.0).collect();
+    let rows = sqlx::query(concat!(
+        "SELECT user_id, ",
+        job_columns!(),
+        " FROM public.tradeeon_jobs JOIN unnest($1::text[], $2::uuid[]) AS caller (id, user_id) USING (id, user_id)"
+    ))
+    .bind(&ids)
+    .bind(&users)
+    .fetch_all(pool)
+    .await?;
+    let found = rows
+        .iter()
+        .map(|row| {
+            let record = job_from_row(row)?;
+            Ok(((record.id, UserId(row.try_get("user_id")?)), record))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(in_order(&keys, found))
+}
+
+// `NO_FLUSH`: the worker's claim and settle statements set `synchronous_commit = off` for their
+// own (implicit) transaction, so they do not each wait for an fsync. That is safe because both
+// are followed by apalis's acknowledgement of the ticket, which commits synchronously: WAL is
+// flushed in order, so once the ack is durable the claim and settle before it are too; a crash
+// before the ack loses at most those two writes, and the ticket — still unacknowledged — runs
+// the job again (claiming and every job are idempotent). The API's writes always flush.
+
+/// Takes jobs for running: each is marked `running` and its attempt counted, unless settled.
+async fn claim_jobs(pool: &PgPool, ids: Vec<JobId>) -> Result<Vec<Option<ClaimedJob>>> {
+    let keys: Vec<String> = ids.iter().map(JobId::to_string).collect();
+    let rows = sqlx::query(concat!(
+        "UPDATE public.tradeeon_jobs
+            SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, now())
+           FROM (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
+          WHERE id = ANY($1) AND status IN ('queued', 'running') AND payload IS NOT NULL
+          RETURNING user_id, payload, ",
+        job_columns!()
+    ))
+    .bind(&keys)
+    .fetch_all(pool)
+    .await?;
+    let claimed = rows
+        .iter()
+        .map(|row| {
+            let payload: Value = row.try_get("payload")?;
+            let job = ClaimedJob {
+                record: job_from_row(row)?,
+                user_id: UserId(row.try_get("user_id")?),
+                payload: serde_json::from_value::<JobPayload>(payload).map_err(|e| decode_error("payload", e))?,
+            };
+            Ok((job.record.id, job))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(in_order(&ids, claimed))
+}
+
+/// Settles jobs with their outcomes and wipes their payloads; `false` for one already settled.
+async fn finish_jobs(pool: &PgPool, outcomes: Vec<(JobId, JobOutcome)>) -> Result<Vec<bool>> {
+    let n = outcomes.len();
+    let (mut ids, mut statuses, mut results, mut errors) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for (id, outcome) in &outcomes {
+        ids.push(id.to_string());
+        match outcome {
+            JobOutcome::Done(result) => {
+                statuses.push(JobStatus::Done.as_str());
+                results.push(Some(serde_json::to_value(result).map_err(|e| decode_error("result", e))?));
+                errors.push(None);
+            }
+            JobOutcome::Failed(error) => {
+                statuses.push(JobStatus::Failed.as_str());
+                results.push(None);
+                errors.push(Some(error.clone()));
+            }
+        }
+    }
+    let settled: Vec<String> = sqlx::query_scalar(
+        "UPDATE public.tradeeon_jobs AS j
+            SET status = o.status, result = o.result, error = o.error, finished_at = now(), payload = NULL
+           FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS o (id, status, result, error),
+                (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
+          WHERE j.id = o.id AND j.status IN ('queued', 'running')
+          RETURNING j.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&results)
+    .bind(&errors)
+    .fetch_all(pool)
+    .await?;
+    let settled: HashSet<&str> = settled.iter().map(String::as_str).collect();
+    Ok(ids.iter().map(|id| settled.contains(id.as_str())).collect())
 }

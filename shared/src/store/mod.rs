@@ -352,6 +352,7 @@ macro_rules! dispatch {
 }
 
 // Declared after `dispatch!` so they can use it (macro_rules scope is textual).
+mod coalesce;
 mod jobs;
 mod jobs_postgres;
 mod jobs_sqlite;

@@ -19,6 +19,7 @@ use super::{
     HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
     StoredSecrets, UserContext, decode_error, placeholder_email,
 };
+use super::jobs_postgres::PgBatches;
 use super::wakeups::Wakeups;
 use crate::domain::{ApiKeyHint, ConnectionId, Permissions, UserId};
 
@@ -41,6 +42,7 @@ macro_rules! audit_columns {
 pub(super) struct PgStore {
     pub(super) pool: PgPool,
     pub(super) wakeups: Wakeups,
+    pub(super) batches: PgBatches,
 }
 
 fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -70,7 +72,8 @@ impl PgStore {
             .await
             .map_err(connect_error)?;
         let wakeups = Wakeups::start(pool.clone());
-        Ok(Self { pool, wakeups })
+        let batches = PgBatches::start(&pool, &wakeups, max_connections.max(1));
+        Ok(Self { pool, wakeups, batches })
     }
 
     pub(super) async fn ping(&self) -> Result<()> {

@@ -354,3 +354,80 @@ async fn workers_are_woken_after_commit(store: Store) {
 }
 
 postgres_only!(workers_are_woken_after_commit);
+
+/// Concurrent calls of the hot statements are coalesced into shared statements (see
+/// `store::coalesce`), and each caller still gets exactly its own answer: its own job record,
+/// nobody else's job, its own claim and settle, and its own error when its row is bad.
+async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Store) {
+    use futures::future::join_all;
+    let alice = user(&store).await;
+    let bob = user(&store).await;
+    let test_job = |owner: &tradeeon_shared::store::UserContext, i: usize| {
+        NewJob::new(owner.user_id, Exchange::Kraken, JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(&format!("{i}")) })
+    };
+    // 150 submissions at once, one of them by a user who has no profile row (its foreign keys
+    // fail): that one gets its error, the others are written with their audit rows.
+    let stranger = crate::harness::new_user();
+    let mut submissions: Vec<(tradeeon_shared::store::UserContext, NewJob)> =
+        (0..150).map(|i| if i % 2 == 0 { (alice.clone(), test_job(&alice, i)) } else { (bob.clone(), test_job(&bob, i)) }).collect();
+    submissions[75] = (stranger.clone(), test_job(&stranger, 75));
+    let audit = AuditEntryInput::new(AuditAction::Tested);
+    let enqueued = join_all(submissions.iter().map(|(who, job)| store.enqueue_with_audit(who, &audit, job))).await;
+    for (i, ((_, job), answer)) in submissions.iter().zip(&enqueued).enumerate() {
+        if i == 75 {
+            assert!(answer.is_err(), "a job for a user with no profile must fail: {answer:?}");
+        } else {
+            assert_eq!(answer.as_ref().unwrap().as_ref().unwrap().id, job.id, "submission {i} got another job's record");
+        }
+    }
+    assert_eq!(tickets(&store).await, 149);
+    let audited = store.list_audit(&alice, 200, None).await.unwrap();
+    assert_eq!(audited.iter().filter(|e| e.action == AuditAction::Tested).count(), 75);
+
+    // Reads: every owner sees their own job; the other user sees nothing.
+    let reads = join_all(submissions.iter().enumerate().filter(|(i, _)| *i != 75).flat_map(|(_, (who, job))| {
+        let other = if who.user_id == alice.user_id { &bob } else { &alice };
+        [store.get_job(who, job.id), store.get_job(other, job.id)]
+    }))
+    .await;
+    for pair in reads.chunks(2) {
+        assert!(pair[0].as_ref().unwrap().is_some(), "the owner reads the job");
+        assert!(pair[1].as_ref().unwrap().is_none(), "another user does not");
+    }
+
+    // Claims and settles at once: each claim returns its own payload, each settle its own.
+    let ids: Vec<_> = submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, (_, job))| job.id).collect();
+    let claims = join_all(ids.iter().map(|id| store.claim_job(*id))).await;
+    for ((id, claim), (_, job)) in ids.iter().zip(&claims).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s)) {
+        let claimed = claim.as_ref().unwrap().as_ref().expect("claimable");
+        assert_eq!(claimed.record.id, *id);
+        assert_eq!(claimed.user_id, job.user_id);
+        assert_eq!(serde_json::to_value(&claimed.payload).unwrap(), serde_json::to_value(&job.payload).unwrap());
+    }
+    let outcomes: Vec<JobOutcome> = (0..ids.len())
+        .map(|i| if i % 3 == 0 { JobOutcome::Failed(format!("failure {i}")) } else { JobOutcome::Done(ok_result()) })
+        .collect();
+    let settled = join_all(ids.iter().zip(&outcomes).map(|(id, outcome)| store.finish_job(*id, outcome))).await;
+    assert!(settled.iter().all(|s| *s.as_ref().unwrap()), "every job settles once");
+    let done = JobOutcome::Done(ok_result());
+    let again = join_all(ids.iter().take(10).map(|id| store.finish_job(*id, &done))).await;
+    assert!(again.iter().all(|s| !*s.as_ref().unwrap()), "settling twice is refused");
+    for ((id, outcome), (who, _)) in ids.iter().zip(&outcomes).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s)) {
+        let record = store.get_job(who, *id).await.unwrap().unwrap();
+        match outcome {
+            JobOutcome::Failed(error) => {
+                assert_eq!(record.status, JobStatus::Failed);
+                assert_eq!(record.error.as_ref(), Some(error));
+            }
+            JobOutcome::Done(_) => assert_eq!(record.status, JobStatus::Done),
+        }
+        assert_eq!(raw_payload(&store, &id.to_string()).await, None, "payload wiped");
+    }
+
+    // And they did share statements.
+    for (kind, calls, statements) in store.coalesced_statements() {
+        assert!(statements < calls, "{kind}: {calls} calls in {statements} statements");
+    }
+}
+
+postgres_only!(concurrent_calls_share_statements_and_keep_their_own_answers);

@@ -1,0 +1,189 @@
+//! Coalescing concurrent one-row statements into one statement per batch (PostgreSQL).
+//!
+//! The hot paths — `POST /connections/test` and `GET /jobs/{id}` in the API, claiming and
+//! settling in the worker — are many small, identical statements issued at the same time. On a
+//! database host, a one-row statement costs far more in per-statement work (a round trip,
+//! parse/bind/execute, a backend wake-up, a commit and its WAL flush) than in the row itself. So
+//! each of those calls is handed to a [`Coalescer`], which runs whatever has queued meanwhile as
+//! one statement over arrays.
+//!
+//! Nothing waits for a timer ("natural batching"): a call that finds a lane free runs at once, as
+//! a batch of one; calls that arrive while every lane is busy queue, and the next free lane takes
+//! them all. An idle store therefore answers as fast as before, and a busy one spends one
+//! statement on many calls, with each call waiting about one statement time more at most.
+//!
+//! Every caller still gets its own answer and its own error. A batch that fails because the
+//! database is unreachable fails every call in it with the same kind of error (retrying one by
+//! one would only multiply the wait); a batch that fails for any other reason is run again call
+//! by call, so one bad row cannot fail its neighbours. A batch is one statement, so a failed batch
+//! wrote nothing and running its calls again is safe.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{Result, StoreError};
+
+/// Calls waiting for a lane; beyond this, callers wait to queue (backpressure, not loss).
+const BACKLOG: usize = 4096;
+
+type BatchFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
+
+/// Runs one batch: the outputs in the order of the inputs, one each.
+pub(super) type BatchFn<I, O> = Arc<dyn Fn(Vec<I>) -> BatchFuture<O> + Send + Sync>;
+
+struct Call<I, O> {
+    input: I,
+    reply: oneshot::Sender<Result<O>>,
+}
+
+/// Hands calls to lanes that run them in batches. Cheap to clone; the dispatcher stops when the
+/// last clone is dropped.
+pub(super) struct Coalescer<I, O> {
+    tx: mpsc::Sender<Call<I, O>>,
+    run: BatchFn<I, O>,
+    counts: Arc<Counts>,
+}
+
+/// Calls made and statements (batches) run, since start.
+#[derive(Debug, Default)]
+struct Counts {
+    calls: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl<I, O> Clone for Coalescer<I, O> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone(), run: self.run.clone(), counts: self.counts.clone() }
+    }
+}
+
+impl<I, O> std::fmt::Debug for Coalescer<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer").finish_non_exhaustive()
+    }
+}
+
+impl<I: Clone + Send + 'static, O: Send + 'static> Coalescer<I, O> {
+    /// Starts the dispatcher on the current Tokio runtime: at most `lanes` batches run at once
+    /// (each holds one pooled connection), each of at most `max_batch` calls.
+    pub(super) fn start(lanes: usize, max_batch: usize, run: BatchFn<I, O>) -> Self {
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(dispatch(rx, Arc::new(Semaphore::new(lanes.max(1))), max_batch.max(1), run.clone(), counts.clone()));
+        Self { tx, run, counts }
+    }
+
+    /// `(calls, statements)` so far: how well calls are being coalesced.
+    pub(super) fn counts(&self) -> (u64, u64) {
+        (self.counts.calls.load(Ordering::Relaxed), self.counts.batches.load(Ordering::Relaxed))
+    }
+
+    /// Runs `input` in the next batch and returns its own output.
+    pub(super) async fn call(&self, input: I) -> Result<O> {
+        let (reply, answer) = oneshot::channel();
+        match self.tx.send(Call { input, reply }).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(gone())),
+            // The dispatcher's runtime is gone (a test or tool that outlived it): run it alone.
+            Err(mpsc::error::SendError(call)) => single(&self.run, call.input).await,
+        }
+    }
+}
+
+async fn dispatch<I: Clone + Send + 'static, O: Send + 'static>(
+    mut rx: mpsc::Receiver<Call<I, O>>,
+    lanes: Arc<Semaphore>,
+    max_batch: usize,
+    run: BatchFn<I, O>,
+    counts: Arc<Counts>,
+) {
+    loop {
+        // A lane first, then everything queued meanwhile: that is what makes batches form.
+        let Ok(lane) = lanes.clone().acquire_owned().await else { return };
+        let mut calls = Vec::with_capacity(max_batch);
+        if rx.recv_many(&mut calls, max_batch).await == 0 {
+            return;
+        }
+        counts.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
+        counts.batches.fetch_add(1, Ordering::Relaxed);
+        let run = run.clone();
+        tokio::spawn(async move {
+            run_batch(&run, calls).await;
+            drop(lane);
+        });
+    }
+}
+
+async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(run: &BatchFn<I, O>, calls: Vec<Call<I, O>>) {
+    let inputs: Vec<I> = calls.iter().map(|c| c.input.clone()).collect();
+    match run(inputs).await {
+        Ok(outputs) if outputs.len() == calls.len() => {
+            for (call, output) in calls.into_iter().zip(outputs) {
+                let _ = call.reply.send(Ok(output));
+            }
+        }
+        Ok(outputs) => {
+            // A batch function must answer every input; if one does not, no caller can be
+            // told which answer is theirs.
+            tracing::error!(inputs = calls.len(), outputs = outputs.len(), "batched statement answered the wrong number of rows");
+            for call in calls {
+                let _ = call.reply.send(Err(mismatch()));
+            }
+        }
+        Err(err) if calls.len() == 1 => {
+            let _ = calls.into_iter().next().map(|call| call.reply.send(Err(err)));
+        }
+        Err(err) => match unavailable_again(&err) {
+            Some(_) => {
+                for call in calls {
+                    let _ = call.reply.send(Err(unavailable_again(&err).unwrap_or_else(gone)));
+                }
+            }
+            None => {
+                tracing::debug!(calls = calls.len(), error = %err, "batched statement failed; running its calls one by one");
+                let answers = futures::future::join_all(calls.iter().map(|c| single(run, c.input.clone()))).await;
+                for (call, answer) in calls.into_iter().zip(answers) {
+                    let _ = call.reply.send(answer);
+                }
+            }
+        },
+    }
+}
+
+async fn single<I, O>(run: &BatchFn<I, O>, input: I) -> Result<O> {
+    let mut outputs = run(vec![input]).await?;
+    outputs.pop().ok_or_else(mismatch)
+}
+
+/// The same error again, for another caller of a batch that failed because the database could
+/// not be reached; `None` for every other error (those calls are run again one by one).
+fn unavailable_again(err: &StoreError) -> Option<StoreError> {
+    let StoreError::Database(db) = err else { return None };
+    let again = match db {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        _ => return None,
+    };
+    Some(StoreError::Database(again))
+}
+
+fn gone() -> StoreError {
+    StoreError::Database(sqlx::Error::PoolClosed)
+}
+
+fn mismatch() -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol("batched statement answered the wrong number of rows".into()))
+}
+
+/// Puts `rows` (keyed by `key`) back in the order of `keys`: what a batch function returns for
+/// statements whose rows come back in no particular order, with `None` for a key with no row.
+pub(super) fn in_order<K: Eq + Hash, R: Clone>(keys: &[K], rows: Vec<(K, R)>) -> Vec<Option<R>> {
+    let rows: HashMap<K, R> = rows.into_iter().collect();
+    keys.iter().map(|k| rows.get(k).cloned()).collect()
+}
