@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (addr, store) = server_rt.block_on(start_server(&database_url, pool))?;
     let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    client_rt.block_on(drive(addr, clients, Duration::from_secs(seconds), pool))?;
+    client_rt.block_on(drive(addr, clients, Duration::from_secs(seconds), pool, &store))?;
     server_rt.block_on(store.close());
     Ok(())
 }
@@ -136,7 +136,7 @@ where
     all
 }
 
-async fn drive(addr: std::net::SocketAddr, clients: usize, duration: Duration, pool: u32) -> anyhow::Result<()> {
+async fn drive(addr: std::net::SocketAddr, clients: usize, duration: Duration, pool: u32, store: &Store) -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let tokens: Arc<Vec<String>> = Arc::new((0..clients).map(|_| token(uuid::Uuid::new_v4())).collect());
@@ -163,6 +163,7 @@ async fn drive(addr: std::net::SocketAddr, clients: usize, duration: Duration, p
     })
     .await;
     post.report("POST /connections/test");
+    print_coalescing(store);
 
     let jobs: Vec<Vec<String>> = {
         let all = job_ids.lock().unwrap();
@@ -188,5 +189,17 @@ async fn drive(addr: std::net::SocketAddr, clients: usize, duration: Duration, p
     })
     .await;
     get.report("GET /jobs/{id}");
+    print_coalescing(store);
     Ok(())
+}
+
+/// How many requests shared each statement (see `store::coalesce`), so far.
+fn print_coalescing(store: &Store) {
+    let shared: Vec<String> = store
+        .coalesced_statements()
+        .iter()
+        .filter(|(_, calls, _)| *calls > 0)
+        .map(|(kind, calls, statements)| format!("{kind} {calls} calls in {statements} statements"))
+        .collect();
+    println!("  coalesced: {}", shared.join(", "));
 }

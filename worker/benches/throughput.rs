@@ -28,7 +28,14 @@ use tradeeon_simulator::{SimState, Simulator, binance as sim_binance};
 use tradeeon_worker::jobs::JobEnv;
 use tradeeon_worker::runtime::{self, RuntimeSettings};
 
-const CONCURRENCY: usize = 16;
+/// Jobs run at once, by the baseline and by ours: `BENCH_CONCURRENCY`, default the worker's own
+/// default (`WORKER_CONCURRENCY`).
+fn concurrency() -> usize {
+    std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| tradeeon_worker::runtime::RuntimeSettings::default().concurrency)
+}
 
 fn admin_url() -> String {
     std::env::var("TEST_DATABASE_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -72,7 +79,7 @@ async fn baseline(store: &Store, n: usize) -> anyhow::Result<f64> {
         done.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    let config = apalis_postgres::Config::default().queue(queue).batch_size(CONCURRENCY);
+    let config = apalis_postgres::Config::default().queue(queue).batch_size(concurrency());
     let backend = apalis_postgres::PostgresStorage::<JobTicket>::new(pool)
         .with_config(config)
         .with_pubsub()
@@ -82,7 +89,7 @@ async fn baseline(store: &Store, n: usize) -> anyhow::Result<f64> {
     WorkerBuilder::new("bench-noop")
         .backend(backend)
         .data(done.clone())
-        .concurrency(CONCURRENCY)
+        .concurrency(concurrency())
         .build(noop)
         .run_until(async move {
             while watch.load(Ordering::SeqCst) < n {
@@ -138,7 +145,7 @@ async fn run_test_jobs_until(
         store.enqueue_jobs(chunk).await?;
     }
     let settings =
-        RuntimeSettings { concurrency: CONCURRENCY, poll_interval: Duration::from_millis(50), ..RuntimeSettings::default() };
+        RuntimeSettings { concurrency: concurrency(), poll_interval: Duration::from_millis(50), ..RuntimeSettings::default() };
     let started = Instant::now();
     let watch = store.clone();
     runtime::run_queue(env, None, settings, async move {
@@ -148,7 +155,8 @@ async fn run_test_jobs_until(
             }
             match watch.queue_stats().await {
                 Ok(s) if s.queued + s.running + s.scheduled == 0 => return,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                // Not much more often: this count is a query, and it loads the same database.
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     })
@@ -167,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
         let keyring = Arc::new(Keyring::parse(&Keyring::generate_key())?);
 
         let base = baseline(&store, n).await?;
-        println!("baseline  apalis no-op handler        : {base:>8.0} jobs/s  ({n} jobs, concurrency {CONCURRENCY})");
+        println!("baseline  apalis no-op handler        : {base:>8.0} jobs/s  ({n} jobs, concurrency {})", concurrency());
 
         let mut unlimited = WorkerConfig::default();
         unlimited.rate_limits.enabled = false;
@@ -175,6 +183,20 @@ async fn main() -> anyhow::Result<()> {
         let elapsed = run_test_jobs(&store, env, &keyring, n).await?;
         let ours = n as f64 / elapsed.as_secs_f64();
         println!("tradeeon  test jobs (limits off)       : {ours:>8.0} jobs/s  ratio {:.2} (goal >= 0.80)", ours / base);
+        let pool = store.pg_pool().expect("PostgreSQL");
+        let codes: Vec<(Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT result->>'code', count(*), count(*) FILTER (WHERE attempts > 1) FROM tradeeon_jobs GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await?;
+        println!("          results (code, jobs, of them retried): {codes:?}");
+        let batching: Vec<String> = store
+            .coalesced_statements()
+            .iter()
+            .filter(|(_, calls, _)| *calls > 0)
+            .map(|(kind, calls, statements)| format!("{kind} {:.1}", *calls as f64 / (*statements).max(1) as f64))
+            .collect();
+        println!("          calls per statement: {}", batching.join(", "));
 
         // The limiter: 120 /sapi weight per minute (2 checks/s). Binance counts weight per
         // calendar minute and so does our pause at the budget; governor lets the first minute's
