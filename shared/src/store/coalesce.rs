@@ -12,11 +12,13 @@
 //! them all. An idle store therefore answers as fast as before, and a busy one spends one
 //! statement on many calls, with each call waiting about one statement time more at most.
 //!
-//! Every caller still gets its own answer and its own error. A batch that fails because the
-//! database is unreachable fails every call in it with the same kind of error (retrying one by
-//! one would only multiply the wait); a batch that fails for any other reason is run again call
-//! by call, so one bad row cannot fail its neighbours. A batch is one statement, so a failed batch
-//! wrote nothing and running its calls again is safe.
+//! Every caller still gets its own answer and its own error. A lane takes a pooled connection
+//! *before* it takes the calls waiting, so when the database is unreachable every call waits at
+//! most one pool acquire timeout — as it would on its own — and all calls that queued meanwhile
+//! get the same kind of error at once. A batch that fails because the connection was lost fails
+//! all its calls alike; one that fails for any other reason is run again call by call, so one bad
+//! row cannot fail its neighbours. A batch is one statement, so a failed batch wrote nothing and
+//! running its calls again is safe.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,6 +27,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Result, StoreError};
@@ -34,8 +38,8 @@ const BACKLOG: usize = 4096;
 
 type BatchFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
 
-/// Runs one batch: the outputs in the order of the inputs, one each.
-pub(super) type BatchFn<I, O> = Arc<dyn Fn(Vec<I>) -> BatchFuture<O> + Send + Sync>;
+/// Runs one batch on the connection given: the outputs in the order of the inputs, one each.
+pub(super) type BatchFn<I, O> = Arc<dyn Fn(PoolConnection<sqlx::Postgres>, Vec<I>) -> BatchFuture<O> + Send + Sync>;
 
 struct Call<I, O> {
     input: I,
@@ -46,6 +50,7 @@ struct Call<I, O> {
 /// last clone is dropped.
 pub(super) struct Coalescer<I, O> {
     tx: mpsc::Sender<Call<I, O>>,
+    pool: PgPool,
     run: BatchFn<I, O>,
     counts: Arc<Counts>,
 }
@@ -59,7 +64,7 @@ struct Counts {
 
 impl<I, O> Clone for Coalescer<I, O> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), run: self.run.clone(), counts: self.counts.clone() }
+        Self { tx: self.tx.clone(), pool: self.pool.clone(), run: self.run.clone(), counts: self.counts.clone() }
     }
 }
 
@@ -72,11 +77,12 @@ impl<I, O> std::fmt::Debug for Coalescer<I, O> {
 impl<I: Clone + Send + 'static, O: Send + 'static> Coalescer<I, O> {
     /// Starts the dispatcher on the current Tokio runtime: at most `lanes` batches run at once
     /// (each holds one pooled connection), each of at most `max_batch` calls.
-    pub(super) fn start(lanes: usize, max_batch: usize, run: BatchFn<I, O>) -> Self {
+    pub(super) fn start(pool: &PgPool, lanes: usize, max_batch: usize, run: BatchFn<I, O>) -> Self {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(dispatch(rx, Arc::new(Semaphore::new(lanes.max(1))), max_batch.max(1), run.clone(), counts.clone()));
-        Self { tx, run, counts }
+        let lanes = Lanes { pool: pool.clone(), free: Arc::new(Semaphore::new(lanes.max(1))), max_batch: max_batch.max(1) };
+        tokio::spawn(dispatch(rx, lanes, run.clone(), counts.clone()));
+        Self { tx, pool: pool.clone(), run, counts }
     }
 
     /// `(calls, statements)` so far: how well calls are being coalesced.
@@ -90,38 +96,66 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Coalescer<I, O> {
         match self.tx.send(Call { input, reply }).await {
             Ok(()) => answer.await.unwrap_or_else(|_| Err(gone())),
             // The dispatcher's runtime is gone (a test or tool that outlived it): run it alone.
-            Err(mpsc::error::SendError(call)) => single(&self.run, call.input).await,
+            Err(mpsc::error::SendError(call)) => single(&self.pool, &self.run, call.input).await,
         }
     }
 }
 
+/// Where batches run: at most `free` at once, each on a connection of `pool`.
+struct Lanes {
+    pool: PgPool,
+    free: Arc<Semaphore>,
+    max_batch: usize,
+}
+
 async fn dispatch<I: Clone + Send + 'static, O: Send + 'static>(
     mut rx: mpsc::Receiver<Call<I, O>>,
-    lanes: Arc<Semaphore>,
-    max_batch: usize,
+    lanes: Lanes,
     run: BatchFn<I, O>,
     counts: Arc<Counts>,
 ) {
     loop {
-        // A lane first, then everything queued meanwhile: that is what makes batches form.
-        let Ok(lane) = lanes.clone().acquire_owned().await else { return };
-        let mut calls = Vec::with_capacity(max_batch);
-        if rx.recv_many(&mut calls, max_batch).await == 0 {
-            return;
+        // A free lane, a first call, a connection, and then everything that queued meanwhile:
+        // that is what makes batches form, and what fails a whole queue at once when no
+        // connection can be had.
+        let Ok(lane) = lanes.free.clone().acquire_owned().await else { return };
+        let Some(first) = rx.recv().await else { return };
+        let connection = lanes.pool.acquire().await;
+        let mut calls = vec![first];
+        while calls.len() < lanes.max_batch {
+            match rx.try_recv() {
+                Ok(call) => calls.push(call),
+                Err(_) => break,
+            }
         }
         counts.calls.fetch_add(calls.len() as u64, Ordering::Relaxed);
         counts.batches.fetch_add(1, Ordering::Relaxed);
-        let run = run.clone();
+        let connection = match connection {
+            Ok(connection) => connection,
+            Err(err) => {
+                let err = StoreError::Database(err);
+                for call in calls {
+                    let _ = call.reply.send(Err(unavailable_again(&err).unwrap_or_else(gone)));
+                }
+                continue;
+            }
+        };
+        let (pool, run) = (lanes.pool.clone(), run.clone());
         tokio::spawn(async move {
-            run_batch(&run, calls).await;
+            run_batch(&pool, &run, connection, calls).await;
             drop(lane);
         });
     }
 }
 
-async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(run: &BatchFn<I, O>, calls: Vec<Call<I, O>>) {
+async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(
+    pool: &PgPool,
+    run: &BatchFn<I, O>,
+    connection: PoolConnection<sqlx::Postgres>,
+    calls: Vec<Call<I, O>>,
+) {
     let inputs: Vec<I> = calls.iter().map(|c| c.input.clone()).collect();
-    match run(inputs).await {
+    match run(connection, inputs).await {
         Ok(outputs) if outputs.len() == calls.len() => {
             for (call, output) in calls.into_iter().zip(outputs) {
                 let _ = call.reply.send(Ok(output));
@@ -146,7 +180,7 @@ async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(run: &BatchFn<I
             }
             None => {
                 tracing::debug!(calls = calls.len(), error = %err, "batched statement failed; running its calls one by one");
-                let answers = futures::future::join_all(calls.iter().map(|c| single(run, c.input.clone()))).await;
+                let answers = futures::future::join_all(calls.iter().map(|c| single(pool, run, c.input.clone()))).await;
                 for (call, answer) in calls.into_iter().zip(answers) {
                     let _ = call.reply.send(answer);
                 }
@@ -155,8 +189,9 @@ async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(run: &BatchFn<I
     }
 }
 
-async fn single<I, O>(run: &BatchFn<I, O>, input: I) -> Result<O> {
-    let mut outputs = run(vec![input]).await?;
+async fn single<I, O>(pool: &PgPool, run: &BatchFn<I, O>, input: I) -> Result<O> {
+    let connection = pool.acquire().await?;
+    let mut outputs = run(connection, vec![input]).await?;
     outputs.pop().ok_or_else(mismatch)
 }
 
@@ -168,6 +203,14 @@ fn unavailable_again(err: &StoreError) -> Option<StoreError> {
         sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
         sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
         sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        // The server ended the session (a restart or failover mid-statement): class 08
+        // "connection exception", 57P01-03 shutting down or not accepting connections yet. Its
+        // error cannot be copied; to every caller it is a lost connection.
+        sqlx::Error::Database(e)
+            if e.code().is_some_and(|c| c.starts_with("08") || matches!(c.as_ref(), "57P01" | "57P02" | "57P03")) =>
+        {
+            sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e.message().to_string()))
+        }
         _ => return None,
     };
     Some(StoreError::Database(again))

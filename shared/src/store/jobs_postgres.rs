@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::coalesce::{BatchFn, Coalescer, in_order};
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, ticket};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS};
 use super::postgres::PgStore;
 use super::wakeups::{Wakeups, wakeup_payload};
 use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
@@ -84,7 +85,11 @@ type AuditedJob = (NewJob, Option<(UserId, AuditEntryInput)>);
 /// Job records, their apalis tickets and their audit entries, in one statement over arrays; the
 /// records in the order of `items`, `None` where the idempotency key was used already (or earlier
 /// in `items`). Tickets that are due wake a worker once the statement has committed.
-async fn insert_batch(pool: &PgPool, wakeups: &Wakeups, items: Vec<AuditedJob>) -> Result<Vec<Option<JobRecord>>> {
+async fn insert_batch(
+    db: impl sqlx::PgExecutor<'_>,
+    wakeups: &Wakeups,
+    items: Vec<AuditedJob>,
+) -> Result<Vec<Option<JobRecord>>> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -153,7 +158,7 @@ async fn insert_batch(pool: &PgPool, wakeups: &Wakeups, items: Vec<AuditedJob>) 
     .bind(&details)
     .bind(QUEUE)
     .bind(i32::from(TICKET_MAX_ATTEMPTS))
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let records = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
     let inserted: HashSet<JobId> = records.iter().map(|record| record.id).collect();
@@ -190,19 +195,6 @@ fn bind_job<'q>(
         .bind(QUEUE)
         .bind(ticket)
         .bind(i32::from(TICKET_MAX_ATTEMPTS)))
-}
-
-async fn push_ticket(conn: &mut PgConnection, job_id: JobId, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Result<()> {
-    apalis_postgres::queries::push_tasks(conn, QUEUE, vec![ticket(job_id, ticket_id, run_at)?])
-        .await
-        .map_err(queue_error)
-}
-
-fn queue_error(err: apalis_postgres::Error) -> super::StoreError {
-    match err {
-        apalis_postgres::Error::Database(e) => super::StoreError::from(e),
-        other => super::StoreError::Database(sqlx::Error::Protocol(format!("job queue: {other}"))),
-    }
 }
 
 pub(super) async fn cancel_connection_jobs(
@@ -281,23 +273,36 @@ impl PgStore {
     }
 
     pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE public.tradeeon_jobs
-                SET status = 'queued', run_at = $2, attempts = attempts - CASE WHEN $3 THEN 1 ELSE 0 END
-              WHERE id = $1 AND status = 'running'",
+        // The record and its new ticket in one statement. The ticket is written here rather than
+        // by apalis's `push_tasks`, which takes whole seconds: a retry could then start up to a
+        // second before the delay it was given (an exchange's `Retry-After`, say).
+        let ticket = serde_json::to_vec(&JobTicket { job_id: id }).map_err(|e| decode_error("ticket", e))?;
+        let requeued: i64 = sqlx::query_scalar(
+            "WITH job AS (
+                 UPDATE public.tradeeon_jobs
+                    SET status = 'queued', run_at = $2, attempts = attempts - CASE WHEN $3 THEN 1 ELSE 0 END
+                  WHERE id = $1 AND status = 'running'
+                  RETURNING run_at
+             ), ticket AS (
+                 INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+                 SELECT $4, $5, $6, 'Pending', 0, $7, job.run_at, 0 FROM job
+             )
+             SELECT count(*) FROM job",
         )
         .bind(id.to_string())
         .bind(run_at)
         .bind(refund_attempt)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 1 {
-            push_ticket(&mut tx, id, ulid::Ulid::generate(), run_at).await?;
+        .bind(ulid::Ulid::generate().to_string())
+        .bind(QUEUE)
+        .bind(ticket)
+        .bind(i32::from(TICKET_MAX_ATTEMPTS))
+        .fetch_one(&self.pool)
+        .await?;
+        if requeued == 1 {
+            // Due already (a zero delay): wake a worker rather than wait for its next poll.
+            self.wakeups.send(wakeup_payload(QUEUE, id.0, run_at).into_iter().collect());
         }
-        tx.commit().await?;
-        Ok(updated == 1)
+        Ok(requeued == 1)
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {
@@ -371,55 +376,37 @@ impl PgBatches {
     pub(super) fn start(pool: &PgPool, wakeups: &Wakeups, max_connections: u32) -> Self {
         let lanes = (max_connections as usize / 4).max(1);
         let enqueue = {
-            let (pool, wakeups) = (pool.clone(), wakeups.clone());
-            batch_fn(move |items| {
-                let (pool, wakeups) = (pool.clone(), wakeups.clone());
-                async move { insert_batch(&pool, &wakeups, items).await }
+            let wakeups = wakeups.clone();
+            batch_fn(move |mut conn, items| {
+                let wakeups = wakeups.clone();
+                async move { insert_batch(&mut *conn, &wakeups, items).await }
             })
         };
-        let get_job = {
-            let pool = pool.clone();
-            batch_fn(move |keys| {
-                let pool = pool.clone();
-                async move { get_jobs(&pool, keys).await }
-            })
-        };
-        let claim = {
-            let pool = pool.clone();
-            batch_fn(move |ids| {
-                let pool = pool.clone();
-                async move { claim_jobs(&pool, ids).await }
-            })
-        };
-        let finish = {
-            let pool = pool.clone();
-            batch_fn(move |outcomes| {
-                let pool = pool.clone();
-                async move { finish_jobs(&pool, outcomes).await }
-            })
-        };
+        let get_job = batch_fn(|mut conn, keys| async move { get_jobs(&mut *conn, keys).await });
+        let claim = batch_fn(|mut conn, ids| async move { claim_jobs(&mut *conn, ids).await });
+        let finish = batch_fn(|mut conn, outcomes| async move { finish_jobs(&mut *conn, outcomes).await });
         Self {
-            enqueue: Coalescer::start(lanes, MAX_BATCH, enqueue),
-            get_job: Coalescer::start(lanes, MAX_BATCH, get_job),
-            claim: Coalescer::start(lanes, MAX_BATCH, claim),
-            finish: Coalescer::start(lanes, MAX_BATCH, finish),
+            enqueue: Coalescer::start(pool, lanes, MAX_BATCH, enqueue),
+            get_job: Coalescer::start(pool, lanes, MAX_BATCH, get_job),
+            claim: Coalescer::start(pool, lanes, MAX_BATCH, claim),
+            finish: Coalescer::start(pool, lanes, MAX_BATCH, finish),
         }
     }
 }
 
 fn batch_fn<I, O, F, Fut>(f: F) -> BatchFn<I, O>
 where
-    F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+    F: Fn(PoolConnection<sqlx::Postgres>, Vec<I>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Vec<O>>> + Send + 'static,
 {
-    Arc::new(move |inputs| Box::pin(f(inputs)))
+    Arc::new(move |conn, inputs| Box::pin(f(conn, inputs)))
 }
 
 /// The callers' jobs, each only if it is theirs: ownership is in the statement itself (no RLS
 /// transaction — the portal polls this, and the role switch would cost three extra round trips
 /// around a primary-key lookup), and the cross-user tests (api `cross_user`, store
 /// `jobs_are_private_to_their_user`) hold it to that.
-async fn get_jobs(pool: &PgPool, keys: Vec<(JobId, UserId)>) -> Result<Vec<Option<JobRecord>>> {
+async fn get_jobs(db: impl sqlx::PgExecutor<'_>, keys: Vec<(JobId, UserId)>) -> Result<Vec<Option<JobRecord>>> {
     let ids: Vec<String> = keys.iter().map(|(id, _)| id.to_string()).collect();
     let users: Vec<Uuid> = keys.iter().map(|(_, user)| user.0).collect();
     let rows = sqlx::query(concat!(
@@ -429,7 +416,7 @@ async fn get_jobs(pool: &PgPool, keys: Vec<(JobId, UserId)>) -> Result<Vec<Optio
     ))
     .bind(&ids)
     .bind(&users)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let found = rows
         .iter()
@@ -449,7 +436,7 @@ async fn get_jobs(pool: &PgPool, keys: Vec<(JobId, UserId)>) -> Result<Vec<Optio
 // the job again (claiming and every job are idempotent). The API's writes always flush.
 
 /// Takes jobs for running: each is marked `running` and its attempt counted, unless settled.
-async fn claim_jobs(pool: &PgPool, ids: Vec<JobId>) -> Result<Vec<Option<ClaimedJob>>> {
+async fn claim_jobs(db: impl sqlx::PgExecutor<'_>, ids: Vec<JobId>) -> Result<Vec<Option<ClaimedJob>>> {
     let keys: Vec<String> = ids.iter().map(JobId::to_string).collect();
     let rows = sqlx::query(concat!(
         "UPDATE public.tradeeon_jobs
@@ -460,7 +447,7 @@ async fn claim_jobs(pool: &PgPool, ids: Vec<JobId>) -> Result<Vec<Option<Claimed
         job_columns!()
     ))
     .bind(&keys)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let claimed = rows
         .iter()
@@ -478,7 +465,7 @@ async fn claim_jobs(pool: &PgPool, ids: Vec<JobId>) -> Result<Vec<Option<Claimed
 }
 
 /// Settles jobs with their outcomes and wipes their payloads; `false` for one already settled.
-async fn finish_jobs(pool: &PgPool, outcomes: Vec<(JobId, JobOutcome)>) -> Result<Vec<bool>> {
+async fn finish_jobs(db: impl sqlx::PgExecutor<'_>, outcomes: Vec<(JobId, JobOutcome)>) -> Result<Vec<bool>> {
     let n = outcomes.len();
     let (mut ids, mut statuses, mut results, mut errors) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -509,7 +496,7 @@ async fn finish_jobs(pool: &PgPool, outcomes: Vec<(JobId, JobOutcome)>) -> Resul
     .bind(&statuses)
     .bind(&results)
     .bind(&errors)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let settled: HashSet<&str> = settled.iter().map(String::as_str).collect();
     Ok(ids.iter().map(|id| settled.contains(id.as_str())).collect())
