@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::{AuditEntryInput, Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
 use crate::domain::ConnectionId;
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, JobTicket, NewJob};
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob};
 
 /// What the metrics report about the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -31,22 +31,11 @@ pub struct QueueStats {
 /// by the worker with backoff.
 pub(super) const TICKET_MAX_ATTEMPTS: u16 = 25;
 
-/// The apalis ticket for `job_id`, due at `run_at`. The first ticket of a job shares its id,
-/// which makes the two easy to correlate in the queue tables.
-pub(super) fn ticket(
-    job_id: JobId,
-    ticket_id: ulid::Ulid,
-    run_at: DateTime<Utc>,
-) -> Result<apalis::prelude::Task<Vec<u8>>> {
-    use apalis::prelude::{TaskBuilder, TaskId};
-    let args = serde_json::to_vec(&JobTicket { job_id })
-        .map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))?;
-    let run_at = u64::try_from(run_at.timestamp()).unwrap_or(0);
-    Ok(TaskBuilder::new(args)
-        .task_id(TaskId::from_ulid(ticket_id))
-        .run_at_timestamp(run_at)
-        .max_attempts(usize::from(TICKET_MAX_ATTEMPTS))
-        .build())
+/// The second at which a ticket for `run_at` may become due on a queue that counts whole
+/// seconds (apalis-sqlite): rounded *up*, so a retry never starts before the delay it was given
+/// (an exchange's `Retry-After`, say) — at most a second after it.
+pub(super) fn due_second(run_at: DateTime<Utc>) -> i64 {
+    run_at.timestamp() + i64::from(run_at.timestamp_subsec_nanos() > 0)
 }
 
 impl ServiceTx {

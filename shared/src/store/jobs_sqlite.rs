@@ -7,11 +7,11 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, ticket};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
 use super::{Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, NewJob, QUEUE};
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE};
 
 macro_rules! job_columns {
     () => {
@@ -52,16 +52,16 @@ pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Res
 /// private, so this is the same insert written against its `Jobs` table (the columns of
 /// apalis-sqlite 1.0's migrations; the worker tests fail if a new version changes them).
 async fn push_ticket(conn: &mut SqliteConnection, job_id: JobId, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Result<()> {
-    let task = ticket(job_id, ticket_id, run_at)?;
+    let args = serde_json::to_vec(&JobTicket { job_id }).map_err(|e| decode_error("ticket", e))?;
     sqlx::query(
         "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata)
          VALUES (?1, ?2, ?3, 'Pending', 0, ?4, ?5, 0, '{}')",
     )
-    .bind(&task.args)
+    .bind(&args)
     .bind(ticket_id.to_string())
     .bind(QUEUE)
     .bind(i64::from(TICKET_MAX_ATTEMPTS))
-    .bind(run_at.timestamp())
+    .bind(due_second(run_at))
     .execute(&mut *conn)
     .await?;
     Ok(())

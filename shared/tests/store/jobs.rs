@@ -292,7 +292,48 @@ async fn a_page_of_jobs_is_enqueued_at_once(store: Store) {
     assert_eq!(store.enqueue_jobs(&[]).await.unwrap(), 0);
 }
 
+/// A retry's ticket is never due before the delay it was given (an exchange's `Retry-After`,
+/// say): on PostgreSQL it carries the record's exact `run_at`; apalis-sqlite counts whole
+/// seconds, so there it is rounded up — at most a second late, never early.
+async fn a_retry_is_never_due_before_its_time(store: Store) {
+    let alice = user(&store).await;
+    let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds("r") });
+    store.enqueue_job(&job).await.unwrap();
+    store.claim_job(job.id).await.unwrap().unwrap();
+    // A delay with a fractional second, as retry delays and Retry-After headers have.
+    let mut later = Utc::now() + ChronoDuration::milliseconds(4_560);
+    if later.timestamp_subsec_millis() == 0 {
+        later += ChronoDuration::milliseconds(250);
+    }
+    assert!(store.requeue_job(job.id, later).await.unwrap());
+    let due_at = later.timestamp_micros() as f64 / 1e6;
+    let newest: f64 = if let Some(pool) = store.pg_pool() {
+        sqlx::query_scalar(
+            "SELECT extract(epoch FROM run_at)::float8 FROM apalis.jobs
+              WHERE job_type = 'tradeeon' AND id <> $1 ORDER BY run_at DESC LIMIT 1",
+        )
+        .bind(job.id.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    } else {
+        let pool = store.sqlite_pool().unwrap();
+        let second: i64 = sqlx::query_scalar(
+            "SELECT run_at FROM Jobs WHERE job_type = 'tradeeon' AND id <> ?1 ORDER BY run_at DESC LIMIT 1",
+        )
+        .bind(job.id.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        second as f64
+    };
+    assert!(newest >= due_at - 1e-6, "the retry's ticket is due at {newest}, before {due_at}");
+    assert!(newest - due_at < 1.0, "the retry's ticket is due at {newest}, more than a second after {due_at}");
+    assert_eq!(store.queue_stats().await.unwrap().scheduled, 1);
+}
+
 contract!(
+    a_retry_is_never_due_before_its_time,
     a_page_of_jobs_is_enqueued_at_once,
     credentials_version_is_read_in_the_enqueueing_transaction,
     enqueue_is_atomic_with_the_connection_write,
