@@ -194,6 +194,14 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // axum leaves Nagle's algorithm on: a response that leaves in more than one write would wait
+    // for the client's delayed ACK (up to 40 ms on Linux) before its last part.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "could not set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

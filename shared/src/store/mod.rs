@@ -356,6 +356,7 @@ mod coalesce;
 mod jobs;
 mod jobs_postgres;
 mod jobs_sqlite;
+mod nodelay;
 mod sweeps;
 mod wakeups;
 

@@ -61,7 +61,16 @@ impl PgStore {
             .map_err(|_| connect_error(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s")))?
             .map_err(connect_error)?;
         let _ = probe.close().await;
+        let port = options.get_socket().is_none().then(|| options.get_port());
         let pool = PgPoolOptions::new()
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    if let Some(port) = port {
+                        super::nodelay::set_on_sockets_to(port);
+                    }
+                    Ok(())
+                })
+            })
             .max_connections(max_connections.max(1))
             // While the server is down, sqlx retries refused connections until this runs out, so
             // it is how long every request waits before it can answer 503 (and `/ready` must turn
