@@ -197,6 +197,15 @@ async fn main() -> anyhow::Result<()> {
             .map(|(kind, calls, statements)| format!("{kind} {:.1}", *calls as f64 / (*statements).max(1) as f64))
             .collect();
         println!("          calls per statement: {}", batching.join(", "));
+        // Claims are meant to be HOT updates (no index work; see the lean_job_indexes migration).
+        // The statistics arrive within a second or so.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (updates, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'tradeeon_jobs'",
+        )
+        .fetch_one(pool)
+        .await?;
+        println!("          job record updates: {updates}, of them HOT: {hot} ({:.0} %)", 100.0 * hot as f64 / updates.max(1) as f64);
 
         // The limiter: 120 /sapi weight per minute (2 checks/s). Binance counts weight per
         // calendar minute and so does our pause at the budget; governor lets the first minute's

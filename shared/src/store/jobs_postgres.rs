@@ -35,7 +35,7 @@ macro_rules! insert_job_and_ticket {
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (idempotency_key) DO NOTHING
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
@@ -127,7 +127,7 @@ async fn insert_batch(
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
              SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
-             ON CONFLICT (idempotency_key) DO NOTHING
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
@@ -205,7 +205,7 @@ pub(super) async fn cancel_connection_jobs(
     Ok(sqlx::query(
         "UPDATE public.tradeeon_jobs
             SET status = 'failed', error = $2, finished_at = now(), payload = NULL
-          WHERE connection_id = $1 AND status = 'queued'",
+          WHERE connection_id = $1 AND active AND status = 'queued'",
     )
     .bind(connection_id.0)
     .bind(reason)
@@ -254,8 +254,7 @@ impl PgStore {
     pub(super) async fn active_change_job(&self, connection_id: ConnectionId) -> Result<Option<JobId>> {
         let id: Option<String> = sqlx::query_scalar(
             "SELECT id FROM public.tradeeon_jobs
-              WHERE connection_id = $1 AND status IN ('queued', 'running')
-                AND kind IN ('verify', 'rotate', 'kite_session')
+              WHERE connection_id = $1 AND active AND kind IN ('verify', 'rotate', 'kite_session')
               LIMIT 1",
         )
         .bind(connection_id.0)
@@ -307,7 +306,7 @@ impl PgStore {
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {
         let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM public.tradeeon_jobs WHERE status = 'queued' AND run_at <= now() ORDER BY run_at, id LIMIT $1",
+            "SELECT id FROM public.tradeeon_jobs WHERE active AND status = 'queued' AND run_at <= now() ORDER BY run_at, id LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -323,7 +322,7 @@ impl PgStore {
                     EXTRACT(EPOCH FROM now() - min(run_at) FILTER (WHERE status = 'queued' AND run_at <= now()))::float8
                         AS oldest_seconds
                FROM public.tradeeon_jobs
-              WHERE status IN ('queued', 'running')",
+              WHERE active",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -89,7 +89,7 @@ impl PgStore {
     async fn sweep_unsettled(&self, slot: DateTime<Utc>) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT count(*) FROM public.tradeeon_jobs
-              WHERE kind = 'health_check' AND status IN ('queued', 'running') AND idempotency_key LIKE $1",
+              WHERE active AND kind = 'health_check' AND idempotency_key LIKE $1",
         )
         .bind(format!("{}%", sweep_key_prefix(slot)))
         .fetch_one(&self.pool)

@@ -472,3 +472,68 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
 }
 
 postgres_only!(concurrent_calls_share_statements_and_keep_their_own_answers);
+
+/// The job tables keep their per-job index work down (migration `lean_job_indexes`): claiming a
+/// job changes no column any index of `tradeeon_jobs` reads — in its key or its predicate — so
+/// the claim can be a HOT update; `apalis.jobs` carries no index twice; and the idempotency key,
+/// which most jobs lack, is only indexed where it is set.
+async fn job_tables_keep_index_work_down(store: Store) {
+    let pool = store.pg_pool().unwrap();
+    // What a claim writes (claim_jobs): status, attempts, started_at.
+    let reading_claimed_columns: Vec<String> = sqlx::query_scalar(
+        "SELECT i.indexrelid::regclass::text
+           FROM pg_index i
+          WHERE i.indrelid = 'public.tradeeon_jobs'::regclass
+            AND (EXISTS (SELECT 1 FROM pg_attribute a
+                          WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                            AND a.attname IN ('status', 'attempts', 'started_at'))
+                 OR pg_get_expr(i.indpred, i.indrelid) ~ '\\m(status|attempts|started_at)\\M'
+                 OR pg_get_expr(i.indexprs, i.indrelid) ~ '\\m(status|attempts|started_at)\\M')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(reading_claimed_columns.is_empty(), "indexes that make claims non-HOT: {reading_claimed_columns:?}");
+
+    let duplicated: Vec<String> = sqlx::query_scalar(
+        "SELECT string_agg(indexrelid::regclass::text, ', ')
+           FROM pg_index WHERE indrelid = 'apalis.jobs'::regclass
+          GROUP BY indkey::text, coalesce(pg_get_expr(indpred, indrelid), ''), coalesce(pg_get_expr(indexprs, indrelid), '')
+         HAVING count(*) > 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(duplicated.is_empty(), "apalis.jobs indexes maintained twice: {duplicated:?}");
+
+    let idempotency_predicate: Option<String> = sqlx::query_scalar(
+        "SELECT pg_get_expr(indpred, indrelid) FROM pg_index
+          WHERE indexrelid = 'public.tradeeon_jobs_idempotency_key'::regclass",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(idempotency_predicate.as_deref(), Some("(idempotency_key IS NOT NULL)"));
+
+    // A claimed job is still "active" for the one-change-per-connection rule and the queue
+    // depth, and a settled one is not.
+    let alice = user(&store).await;
+    let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds("hot") });
+    store.enqueue_job(&job).await.unwrap();
+    let active = || async {
+        sqlx::query_scalar::<_, bool>("SELECT active FROM public.tradeeon_jobs WHERE id = $1")
+            .bind(job.id.to_string())
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    assert!(active().await);
+    store.claim_job(job.id).await.unwrap().expect("claimed");
+    assert!(active().await);
+    assert_eq!(store.queue_stats().await.unwrap().running, 1);
+    assert!(store.finish_job(job.id, &JobOutcome::Done(ok_result())).await.unwrap());
+    assert!(!active().await);
+    assert_eq!(store.queue_stats().await.unwrap().running, 0);
+}
+
+postgres_only!(job_tables_keep_index_work_down);
