@@ -611,6 +611,24 @@ impl Store {
         dispatch!(self, s => s.record_health(&record).await)
     }
 
+    /// A check's outcome: [`Store::update_status`] and, only if that applied, the health-history
+    /// row. `false` (and no history row) if the connection is gone or revoked, or its credentials
+    /// changed. On PostgreSQL one statement — a check used to spend a round trip and a commit
+    /// on each.
+    #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
+    pub async fn record_check(&self, id: ConnectionId, update: StatusUpdate, health: HealthRecord) -> Result<bool> {
+        match &self.inner {
+            Inner::Postgres(s) => s.record_check(id, &update, &health).await,
+            Inner::Sqlite(s) => {
+                if !s.update_status(id, &update).await? {
+                    return Ok(false);
+                }
+                s.record_health(&health).await?;
+                Ok(true)
+            }
+        }
+    }
+
     /// Deletes health history checked before `older_than`; returns how many rows went.
     #[tracing::instrument(skip_all, fields(%older_than), err)]
     pub async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {

@@ -377,6 +377,40 @@ impl PgStore {
         Ok(())
     }
 
+    pub(super) async fn record_check(&self, id: ConnectionId, update: &StatusUpdate, health: &HealthRecord) -> Result<bool> {
+        let permissions = update.permissions.map(permissions_json);
+        let recorded = sqlx::query(
+            "WITH updated AS (
+                 UPDATE public.exchange_keys SET
+                     status = $2, status_message = $3, last_latency_ms = $4,
+                     permissions = COALESCE($5, permissions), consecutive_failures = $6,
+                     last_checked_at = $7
+                 WHERE id = $1 AND is_active AND credentials_version = $8
+                 RETURNING id
+             )
+             INSERT INTO public.connection_health_history
+                 (connection_id, checked_at, status, code, latency_ms, message)
+             SELECT id, $9, $10, $11, $12, $13 FROM updated",
+        )
+        .bind(id.0)
+        .bind(update.status.as_str())
+        .bind(update.status_message.as_deref())
+        .bind(update.latency_ms)
+        .bind(permissions)
+        .bind(update.consecutive_failures)
+        .bind(update.checked_at)
+        .bind(update.credentials_version)
+        .bind(health.checked_at)
+        .bind(health.status.as_str())
+        .bind(health.code.as_deref())
+        .bind(health.latency_ms)
+        .bind(health.message.as_deref())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(recorded == 1)
+    }
+
     pub(super) async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {
         let deleted =
             sqlx::query("DELETE FROM public.connection_health_history WHERE checked_at < $1")

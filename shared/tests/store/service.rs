@@ -135,6 +135,54 @@ async fn update_status_records_a_check(store: Store) {
     assert!(!store.update_status(ConnectionId::new_random(), update).await.unwrap(), "unknown");
 }
 
+/// A check's status and its history row are written together or not at all: a stale credentials
+/// version or a revoked connection gets neither.
+async fn record_check_writes_status_and_history_together(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Binance, "rc"), None)
+        .await
+        .unwrap();
+    let update = |version: i32, status: ConnectionStatus| StatusUpdate {
+        status,
+        status_message: None,
+        latency_ms: Some(42),
+        permissions: None,
+        consecutive_failures: 0,
+        checked_at: at(3),
+        credentials_version: version,
+    };
+    let health = |status: ConnectionStatus| HealthRecord {
+        connection_id: conn.id,
+        checked_at: at(3),
+        status,
+        code: Some("ok".into()),
+        latency_ms: Some(42),
+        message: None,
+    };
+    let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap() };
+
+    let version = conn.credentials_version;
+    assert!(store.record_check(conn.id, update(version, ConnectionStatus::Connected), health(ConnectionStatus::Connected)).await.unwrap());
+    let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
+    assert_eq!(record.status, ConnectionStatus::Connected);
+    assert_eq!(record.last_latency_ms, Some(42));
+    let rows = history().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, ConnectionStatus::Connected);
+    assert_eq!(rows[0].latency_ms, Some(42));
+
+    // Stale version: neither the status nor a history row.
+    assert!(!store.record_check(conn.id, update(version + 1, ConnectionStatus::Error), health(ConnectionStatus::Error)).await.unwrap());
+    assert_eq!(store.get_connection(&alice, conn.id).await.unwrap().unwrap().status, ConnectionStatus::Connected);
+    assert_eq!(history().await.len(), 1);
+
+    // Revoked: the same.
+    store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
+    assert!(!store.record_check(conn.id, update(version, ConnectionStatus::Error), health(ConnectionStatus::Error)).await.unwrap());
+    assert_eq!(history().await.len(), 1);
+}
+
 async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
@@ -248,6 +296,7 @@ async fn worker_audit_rows_belong_to_the_connection_owner(store: Store) {
 contract!(
     swap_credentials_is_compare_and_swap,
     update_status_records_a_check,
+    record_check_writes_status_and_history_together,
     health_history_is_recorded_and_pruned_by_age,
     active_connection_ids_page_in_id_order,
     sessions_are_stored_audited_and_cleared_by_new_keys,

@@ -232,19 +232,17 @@ pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: Connecti
         checked_at,
         credentials_version: version,
     };
-    if !env.store.update_status(connection_id, update).await? {
+    let health = HealthRecord {
+        connection_id,
+        checked_at,
+        status: decision.status,
+        code: Some(result.code.as_str().to_string()),
+        latency_ms: latency,
+        message: decision.message.clone(),
+    };
+    if !env.store.record_check(connection_id, update, health).await? {
         return failed(REVOKED);
     }
-    env.store
-        .record_health(HealthRecord {
-            connection_id,
-            checked_at,
-            status: decision.status,
-            code: Some(result.code.as_str().to_string()),
-            latency_ms: latency,
-            message: decision.message.clone(),
-        })
-        .await?;
     if decision.status != current.status {
         tracing::info!(from = %current.status, to = %decision.status, reason = decision.reason.as_str(), "status changed");
         let audit = status_changed_audit(current.status, decision.status, &result, Some(decision.reason.as_str()));

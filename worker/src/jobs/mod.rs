@@ -355,20 +355,15 @@ pub(crate) async fn record_check(
         checked_at,
         credentials_version: record.credentials_version,
     };
-    if !env.store.update_status(record.id, update).await? {
-        return Ok(false);
-    }
-    env.store
-        .record_health(HealthRecord {
-            connection_id: record.id,
-            checked_at,
-            status,
-            code: Some(result.code.as_str().to_string()),
-            latency_ms: Some(latency_ms(result)),
-            message: message.or_else(|| (!result.ok).then(|| result.message.clone())),
-        })
-        .await?;
-    Ok(true)
+    let health = HealthRecord {
+        connection_id: record.id,
+        checked_at,
+        status,
+        code: Some(result.code.as_str().to_string()),
+        latency_ms: Some(latency_ms(result)),
+        message: message.or_else(|| (!result.ok).then(|| result.message.clone())),
+    };
+    env.store.record_check(record.id, update, health).await
 }
 
 /// The `connected` audit row of a check that made a connection work.
