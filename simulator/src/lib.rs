@@ -128,6 +128,12 @@ impl Simulator {
             let address = listener.local_addr()?;
             urls.push(Url::parse(&format!("http://{address}/"))?);
             let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            // Like an exchange's own front end, answer without Nagle's delay: a response that
+            // left in two writes would otherwise wait for the client's delayed ACK (up to 40 ms)
+            // and every check would look that much slower.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+                let _ = stream.set_nodelay(true);
+            });
             tasks.push(tokio::spawn(async move {
                 if let Err(err) = axum::serve(listener, app).await {
                     tracing::error!(error = %err, "simulator server stopped");
