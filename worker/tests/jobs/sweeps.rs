@@ -120,19 +120,25 @@ async fn a_sweep_spreads_its_checks_and_completes_when_they_settle(store: Store)
     let mut s = settings("4s");
     s.completion_poll = Duration::from_millis(20);
 
+    // The worker runs until the sweep has returned (completed, or given up): stopping when
+    // nothing is unsettled could stop before the sweep has enqueued anything, which a loaded
+    // machine made happen.
+    let swept = std::sync::atomic::AtomicBool::new(false);
     let sweeping = {
         let store = store.clone();
         let s = s.clone();
-        async move { scheduler::sweep(&store, &s, &observer, slot).await.map(|n| (n, observer)) }
+        let swept = &swept;
+        async move {
+            let result = scheduler::sweep(&store, &s, &observer, slot).await.map(|n| (n, observer));
+            swept.store(true, Ordering::SeqCst);
+            result
+        }
     };
     let worker = async {
-        // Run checks as they come due, like a worker would, until the sweep is complete.
-        for _ in 0..1000 {
+        // Run checks as they come due, like a worker would.
+        while !swept.load(Ordering::SeqCst) {
             runtime::run_due_jobs(&app.env, None).await.unwrap();
             tokio::time::sleep(Duration::from_millis(25)).await;
-            if store.sweep_unsettled(slot).await.unwrap() == 0 && store.queue_stats().await.unwrap().scheduled == 0 {
-                break;
-            }
         }
     };
     let (swept, ()) = tokio::join!(sweeping, worker);
