@@ -6,6 +6,12 @@
 -- update that changes neither can be HOT (no index work at all) when its page has room. On the
 -- hot paths (POST /connections/test, the workers' claim and settle) that index work was most of
 -- what the database spent per job.
+--
+-- Both changes keep the previous release working during a rolling deploy: it names neither
+-- dropped index, and its queries on `status` still run (they just no longer match the partial
+-- indexes). For that reason the idempotency key keeps its full unique constraint (a partial
+-- one would break the previous release's `ON CONFLICT (idempotency_key)`), although most jobs
+-- index a NULL there.
 
 -- 1. apalis-postgres's first migration created two indexes that later ones duplicated: `lidx`
 --    is `idx_apalis_jobs_lock_by`, `unique_job_id` is the primary key. Every ticket write
@@ -13,12 +19,7 @@
 DROP INDEX IF EXISTS apalis.lidx;
 DROP INDEX IF EXISTS apalis.unique_job_id;
 
--- 2. Only scheduled health checks carry an idempotency key; every other job indexed a NULL.
-ALTER TABLE public.tradeeon_jobs DROP CONSTRAINT IF EXISTS tradeeon_jobs_idempotency_key_key;
-CREATE UNIQUE INDEX IF NOT EXISTS tradeeon_jobs_idempotency_key
-    ON public.tradeeon_jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
-
--- 3. Claiming a job (queued -> running) changed `status`, which the partial indexes' predicates
+-- 2. Claiming a job (queued -> running) changed `status`, which the partial indexes' predicates
 --    read, so every claim wrote new entries into all of them. They now read `active`, which a
 --    claim does not change, so a claim can be a HOT update; settling (active -> false) still
 --    maintains them, as it must. The free space per page (fillfactor) leaves room for the

@@ -35,7 +35,7 @@ macro_rules! insert_job_and_ticket {
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
@@ -127,7 +127,7 @@ async fn insert_batch(
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
              SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
-             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
