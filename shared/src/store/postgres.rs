@@ -32,6 +32,35 @@ macro_rules! connection_columns {
     };
 }
 
+/// A check's outcome on an active connection whose credentials are still those checked
+/// (`$1`–`$8`; see [`bind_status_update`]).
+macro_rules! update_status_sql {
+    () => {
+        "UPDATE public.exchange_keys SET
+             status = $2, status_message = $3, last_latency_ms = $4,
+             permissions = COALESCE($5, permissions), consecutive_failures = $6,
+             last_checked_at = $7
+         WHERE id = $1 AND is_active AND credentials_version = $8"
+    };
+}
+
+/// Binds `$1`–`$8` of [`update_status_sql`].
+fn bind_status_update<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    id: ConnectionId,
+    update: &'q StatusUpdate,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(id.0)
+        .bind(update.status.as_str())
+        .bind(update.status_message.as_deref())
+        .bind(update.latency_ms)
+        .bind(update.permissions.map(permissions_json))
+        .bind(update.consecutive_failures)
+        .bind(update.checked_at)
+        .bind(update.credentials_version)
+}
+
 macro_rules! audit_columns {
     () => {
         "id, connection_id, action, host(ip_address) AS ip_address, user_agent, details, created_at"
@@ -290,25 +319,10 @@ impl PgStore {
     }
 
     pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let permissions = update.permissions.map(permissions_json);
-        let updated = sqlx::query(
-            "UPDATE public.exchange_keys SET
-                 status = $2, status_message = $3, last_latency_ms = $4,
-                 permissions = COALESCE($5, permissions), consecutive_failures = $6,
-                 last_checked_at = $7
-             WHERE id = $1 AND is_active AND credentials_version = $8",
-        )
-        .bind(id.0)
-        .bind(update.status.as_str())
-        .bind(update.status_message.as_deref())
-        .bind(update.latency_ms)
-        .bind(permissions)
-        .bind(update.consecutive_failures)
-        .bind(update.checked_at)
-        .bind(update.credentials_version)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(updated == 1)
     }
 
@@ -378,36 +392,23 @@ impl PgStore {
     }
 
     pub(super) async fn record_check(&self, id: ConnectionId, update: &StatusUpdate, health: &HealthRecord) -> Result<bool> {
-        let permissions = update.permissions.map(permissions_json);
-        let recorded = sqlx::query(
-            "WITH updated AS (
-                 UPDATE public.exchange_keys SET
-                     status = $2, status_message = $3, last_latency_ms = $4,
-                     permissions = COALESCE($5, permissions), consecutive_failures = $6,
-                     last_checked_at = $7
-                 WHERE id = $1 AND is_active AND credentials_version = $8
-                 RETURNING id
-             )
+        let query = sqlx::query(concat!(
+            "WITH updated AS (",
+            update_status_sql!(),
+            " RETURNING id)
              INSERT INTO public.connection_health_history
                  (connection_id, checked_at, status, code, latency_ms, message)
-             SELECT id, $9, $10, $11, $12, $13 FROM updated",
-        )
-        .bind(id.0)
-        .bind(update.status.as_str())
-        .bind(update.status_message.as_deref())
-        .bind(update.latency_ms)
-        .bind(permissions)
-        .bind(update.consecutive_failures)
-        .bind(update.checked_at)
-        .bind(update.credentials_version)
-        .bind(health.checked_at)
-        .bind(health.status.as_str())
-        .bind(health.code.as_deref())
-        .bind(health.latency_ms)
-        .bind(health.message.as_deref())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+             SELECT id, $9, $10, $11, $12, $13 FROM updated"
+        ));
+        let recorded = bind_status_update(query, id, update)
+            .bind(health.checked_at)
+            .bind(health.status.as_str())
+            .bind(health.code.as_deref())
+            .bind(health.latency_ms)
+            .bind(health.message.as_deref())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(recorded == 1)
     }
 
