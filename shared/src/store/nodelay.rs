@@ -10,7 +10,9 @@
 //! Until sqlx sets it again, each new connection (`after_connect`) sets TCP_NODELAY on the
 //! process's TCP sockets whose peer is the database's port. Setting it is harmless on any socket,
 //! so the match need not be exact. Linux 5.6+ only (it reads /proc/self/fd and uses
-//! `pidfd_getfd`); elsewhere, or where a sandbox refuses those calls, it does nothing.
+//! `pidfd_getfd`); elsewhere it does nothing. Container runtimes' default seccomp profiles
+//! (Docker, containerd, so ECS) allow `pidfd_getfd` only with CAP_SYS_PTRACE: without it the
+//! workaround cannot act, and the first connection logs one warning saying so.
 //! Remove this module once sqlx sets TCP_NODELAY itself (`store::tests` would still pass).
 
 /// Sets TCP_NODELAY on every TCP socket of this process connected to `port`; returns how many
@@ -41,14 +43,33 @@ pub(super) fn sockets_without_nodelay(port: u16) -> usize {
     without
 }
 
+/// Says once per process that the workaround cannot act here (see the module docs).
+#[cfg(target_os = "linux")]
+fn refused(call: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            call,
+            "cannot set TCP_NODELAY on database connections (the call was refused; in a container \
+             it needs CAP_SYS_PTRACE): statements larger than the socket buffer may wait up to 40 ms"
+        );
+    });
+}
+
 #[cfg(target_os = "linux")]
 fn for_sockets_to(port: u16, mut f: impl FnMut(&std::os::fd::OwnedFd)) -> usize {
     use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
     // A duplicate of each descriptor, taken through a pidfd of this very process, is a safe
     // handle on the same socket (options belong to the socket, not the descriptor); borrowing
     // the raw number instead would need `unsafe`, which this workspace forbids.
-    let Ok(this_process) = pidfd_open(getpid(), PidfdFlags::empty()) else { return 0 };
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return 0 };
+    let Ok(this_process) = pidfd_open(getpid(), PidfdFlags::empty()) else {
+        refused("pidfd_open");
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        refused("/proc/self/fd");
+        return 0;
+    };
     let mut found = 0;
     for entry in entries.flatten() {
         let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else { continue };
@@ -57,7 +78,14 @@ fn for_sockets_to(port: u16, mut f: impl FnMut(&std::os::fd::OwnedFd)) -> usize 
         }
         // Closed meanwhile: skipped. Reused meanwhile for another socket: the port check below
         // still decides, and TCP_NODELAY would be harmless anyway.
-        let Ok(socket) = pidfd_getfd(&this_process, fd, PidfdGetfdFlags::empty()) else { continue };
+        let socket = match pidfd_getfd(&this_process, fd, PidfdGetfdFlags::empty()) {
+            Ok(socket) => socket,
+            Err(rustix::io::Errno::BADF) => continue,
+            Err(_) => {
+                refused("pidfd_getfd");
+                return found;
+            }
+        };
         let stream = rustix::net::sockopt::socket_type(&socket).is_ok_and(|t| t == rustix::net::SocketType::STREAM);
         let to_port = rustix::net::getpeername(&socket)
             .ok()
