@@ -13,7 +13,7 @@
 //! `pidfd_getfd`); elsewhere it does nothing. Container runtimes' default seccomp profiles
 //! (Docker, containerd, so ECS) allow `pidfd_getfd` only with CAP_SYS_PTRACE: without it the
 //! workaround cannot act, and the first connection logs one warning saying so.
-//! Remove this module once sqlx sets TCP_NODELAY itself (`store::tests` would still pass).
+//! Remove this module, and its test, once sqlx sets TCP_NODELAY itself; nothing else depends on it.
 
 /// Sets TCP_NODELAY on every TCP socket of this process connected to `port`; returns how many
 /// such sockets there are (all of them have it set afterwards, unless the call failed).
