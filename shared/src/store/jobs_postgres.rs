@@ -336,11 +336,21 @@ impl PgStore {
     }
 
     pub(super) async fn prune_jobs(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        Ok(sqlx::query("DELETE FROM public.tradeeon_jobs WHERE finished_at < $1")
-            .bind(older_than)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        // Tickets that failed for good go with the records (done ones are dropped when apalis
+        // acknowledges them: migration `drop_acknowledged_tickets`).
+        Ok(sqlx::query(
+            "WITH tickets AS (
+                 DELETE FROM apalis.jobs
+                  WHERE job_type = $2 AND done_at < $1
+                    AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
+             )
+             DELETE FROM public.tradeeon_jobs WHERE finished_at < $1",
+        )
+        .bind(older_than)
+        .bind(QUEUE)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 }
 

@@ -258,6 +258,17 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        // Tickets that failed for good go with the records (done ones are dropped when apalis
+        // acknowledges them: migration `drop_acknowledged_tickets`). apalis counts in seconds.
+        sqlx::query(
+            "DELETE FROM Jobs
+              WHERE job_type = ?1 AND done_at < ?2
+                AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))",
+        )
+        .bind(QUEUE)
+        .bind(older_than.timestamp())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(deleted)
     }

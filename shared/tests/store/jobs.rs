@@ -527,3 +527,81 @@ async fn job_tables_keep_index_work_down(store: Store) {
 }
 
 postgres_only!(job_tables_keep_index_work_down);
+
+/// apalis acknowledges finished tickets with one statement (apalis-postgres 1.0,
+/// `queries/task/handle_result.sql`, copied here) that finds them through the `lock_by` index:
+/// every ticket the worker still holds *or ever finished*. Acknowledged tickets are therefore
+/// deleted at once (migration `drop_acknowledged_tickets`); the ones that failed for good stay.
+async fn acknowledged_tickets_are_dropped(store: Store) {
+    const ACK: &str = "WITH j AS (
+            SELECT (value ->> 'task_id')::text AS task_id, (value ->> 'attempt')::integer AS attempt,
+                   value -> 'result' AS result, value ->> 'status' AS status
+              FROM jsonb_array_elements($1::jsonb) AS value
+        ),
+        locked AS (
+            SELECT jobs.id FROM apalis.jobs AS jobs INNER JOIN j ON j.task_id = jobs.id
+             WHERE jobs.lock_by = $2 ORDER BY jobs.id FOR UPDATE
+        )
+        UPDATE apalis.jobs AS jobs
+           SET status = j.status, attempts = j.attempt, last_result = j.result, done_at = NOW()
+          FROM j INNER JOIN locked ON locked.id = j.task_id
+         WHERE jobs.id = locked.id";
+    let pool = store.pg_pool().unwrap();
+    let alice = user(&store).await;
+    let jobs: Vec<NewJob> = (0..3)
+        .map(|i| NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) }))
+        .collect();
+    for job in &jobs {
+        store.enqueue_job(job).await.unwrap();
+    }
+    sqlx::query("INSERT INTO apalis.workers (id, worker_type, storage_name) VALUES ('w', 'tradeeon', 'test')")
+        .execute(pool)
+        .await
+        .unwrap();
+    // apalis's own fetch, then its lock: neither deletes anything.
+    let fetched: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.get_jobs('w', 'tradeeon', 10)")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(fetched.len(), 3);
+    sqlx::query("UPDATE apalis.jobs SET status = 'Running' WHERE lock_by = 'w'").execute(pool).await.unwrap();
+    assert_eq!(tickets(&store).await, 3);
+
+    // Two done, one failed for good.
+    let ack = |id: &String, status: &str| serde_json::json!({"task_id": id, "attempt": 1, "result": null, "status": status});
+    let acked = serde_json::json!([ack(&fetched[0], "Done"), ack(&fetched[1], "Done"), ack(&fetched[2], "Killed")]);
+    let updated = sqlx::query(ACK).bind(&acked).bind("w").execute(pool).await.unwrap().rows_affected();
+    assert_eq!(updated, 3);
+    let left: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM apalis.jobs").fetch_all(pool).await.unwrap();
+    assert_eq!(left, vec![(fetched[2].clone(), "Killed".to_string())]);
+    // The one that failed for good goes with the settled job records.
+    store.prune_jobs(Utc::now() + ChronoDuration::seconds(1)).await.unwrap();
+    assert_eq!(tickets(&store).await, 0);
+}
+
+postgres_only!(acknowledged_tickets_are_dropped);
+
+/// The same on SQLite, where apalis acknowledges a ticket by updating its status.
+async fn acknowledged_tickets_are_dropped_embedded(store: Store) {
+    let pool = store.sqlite_pool().unwrap();
+    let alice = user(&store).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) });
+        store.enqueue_job(&job).await.unwrap();
+        ids.push(job.id.to_string());
+    }
+    let ack = |id: &String, status: &'static str| {
+        sqlx::query("UPDATE Jobs SET status = ?2, done_at = strftime('%s', 'now') WHERE id = ?1").bind(id.clone()).bind(status)
+    };
+    ack(&ids[0], "Running").execute(pool).await.unwrap();
+    assert_eq!(tickets(&store).await, 2);
+    ack(&ids[0], "Done").execute(pool).await.unwrap();
+    ack(&ids[1], "Killed").execute(pool).await.unwrap();
+    let left: Vec<String> = sqlx::query_scalar("SELECT id FROM Jobs").fetch_all(pool).await.unwrap();
+    assert_eq!(left, vec![ids[1].clone()]);
+    store.prune_jobs(Utc::now() + ChronoDuration::seconds(1)).await.unwrap();
+    assert_eq!(tickets(&store).await, 0);
+}
+
+sqlite_only!(acknowledged_tickets_are_dropped_embedded);
