@@ -286,6 +286,23 @@ pub struct StatusUpdate {
     pub credentials_version: i32,
 }
 
+/// What a status decision was made from: the connection's last check and its Zerodha session,
+/// as read before the check. A decision given to [`Store::record_check`] with this applies only
+/// while both are unchanged — every status write sets `last_checked_at`, a new session moves
+/// `session_expires_at`, new credentials move the version — so a check can decide from what it
+/// read before calling the exchange, without reading the connection again afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecidedFrom {
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub session_expires_at: Option<DateTime<Utc>>,
+}
+
+impl DecidedFrom {
+    pub fn of(record: &ConnectionRecord) -> Self {
+        Self { last_checked_at: record.last_checked_at, session_expires_at: record.session_expires_at }
+    }
+}
+
 /// One row of health history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthRecord {
@@ -613,18 +630,22 @@ impl Store {
 
     /// A check's outcome: [`Store::update_status`] and, only if that applied, the health-history
     /// row. `false` (and no history row) if the connection is gone or revoked, or its credentials
-    /// changed. On PostgreSQL one statement — a check used to spend a round trip and a commit
-    /// on each.
+    /// changed, or — given `decided_from` — it was checked again or got a new session since. On
+    /// PostgreSQL one statement — a check used to spend a round trip and a commit on each.
     #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
-    pub async fn record_check(&self, id: ConnectionId, update: StatusUpdate, health: HealthRecord) -> Result<bool> {
+    pub async fn record_check(
+        &self,
+        id: ConnectionId,
+        update: StatusUpdate,
+        health: HealthRecord,
+        decided_from: Option<DecidedFrom>,
+    ) -> Result<bool> {
         match &self.inner {
-            Inner::Postgres(s) => s.record_check(id, &update, &health).await,
+            Inner::Postgres(s) => s.record_check(id, &update, &health, decided_from).await,
             Inner::Sqlite(s) => {
-                if !s.update_status(id, &update).await? {
-                    return Ok(false);
-                }
-                s.record_health(&health).await?;
-                Ok(true)
+                // One writer at a time on SQLite: the transaction makes the check and the write
+                // one step.
+                s.record_check(id, &update, &health, decided_from).await
             }
         }
     }

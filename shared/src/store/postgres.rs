@@ -15,7 +15,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, EncryptedCredentials,
+    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
     HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
     StoredSecrets, UserContext, decode_error, placeholder_email,
 };
@@ -40,15 +40,18 @@ macro_rules! update_status_sql {
              status = $2, status_message = $3, last_latency_ms = $4,
              permissions = COALESCE($5, permissions), consecutive_failures = $6,
              last_checked_at = $7
-         WHERE id = $1 AND is_active AND credentials_version = $8"
+         WHERE id = $1 AND is_active AND credentials_version = $8
+           AND ($9 IS NULL OR (last_checked_at IS NOT DISTINCT FROM $10
+                               AND session_expires_at IS NOT DISTINCT FROM $11))"
     };
 }
 
-/// Binds `$1`–`$8` of [`update_status_sql`].
+/// Binds `$1`–`$11` of [`update_status_sql`].
 fn bind_status_update<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     id: ConnectionId,
     update: &'q StatusUpdate,
+    decided_from: Option<DecidedFrom>,
 ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     query
         .bind(id.0)
@@ -59,6 +62,9 @@ fn bind_status_update<'q>(
         .bind(update.consecutive_failures)
         .bind(update.checked_at)
         .bind(update.credentials_version)
+        .bind(decided_from.map(|_| true))
+        .bind(decided_from.and_then(|d| d.last_checked_at))
+        .bind(decided_from.and_then(|d| d.session_expires_at))
 }
 
 macro_rules! audit_columns {
@@ -319,7 +325,7 @@ impl PgStore {
     }
 
     pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update)
+        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update, None)
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -391,16 +397,22 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn record_check(&self, id: ConnectionId, update: &StatusUpdate, health: &HealthRecord) -> Result<bool> {
+    pub(super) async fn record_check(
+        &self,
+        id: ConnectionId,
+        update: &StatusUpdate,
+        health: &HealthRecord,
+        decided_from: Option<DecidedFrom>,
+    ) -> Result<bool> {
         let query = sqlx::query(concat!(
             "WITH updated AS (",
             update_status_sql!(),
             " RETURNING id)
              INSERT INTO public.connection_health_history
                  (connection_id, checked_at, status, code, latency_ms, message)
-             SELECT id, $9, $10, $11, $12, $13 FROM updated"
+             SELECT id, $12, $13, $14, $15, $16 FROM updated"
         ));
-        let recorded = bind_status_update(query, id, update)
+        let recorded = bind_status_update(query, id, update, decided_from)
             .bind(health.checked_at)
             .bind(health.status.as_str())
             .bind(health.code.as_deref())

@@ -17,7 +17,7 @@ use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, EncryptedCredentials,
+    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
     HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
     StoredSecrets, UserContext, decode_error, placeholder_email,
 };
@@ -273,26 +273,24 @@ impl SqliteStore {
     }
 
     pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let permissions = update.permissions.map(|p| serde_json::json!(p).to_string());
-        let updated = sqlx::query(
-            "UPDATE exchange_keys SET
-                 status = ?2, status_message = ?3, last_latency_ms = ?4,
-                 permissions = COALESCE(?5, permissions), consecutive_failures = ?6,
-                 last_checked_at = ?7
-             WHERE id = ?1 AND is_active = 1 AND credentials_version = ?8",
-        )
-        .bind(id.0.to_string())
-        .bind(update.status.as_str())
-        .bind(update.status_message.as_deref())
-        .bind(update.latency_ms)
-        .bind(permissions)
-        .bind(update.consecutive_failures)
-        .bind(ts(update.checked_at))
-        .bind(update.credentials_version)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
+        update_status_on(&self.pool, id, update, None).await
+    }
+
+    /// [`update_status_on`] and, only if it applied, the history row, in one write transaction.
+    pub(super) async fn record_check(
+        &self,
+        id: ConnectionId,
+        update: &StatusUpdate,
+        health: &HealthRecord,
+        decided_from: Option<DecidedFrom>,
+    ) -> Result<bool> {
+        let mut tx = begin_write(&self.pool).await?;
+        if !update_status_on(&mut *tx, id, update, decided_from).await? {
+            return Ok(false); // dropping `tx` rolls back (nothing was written)
+        }
+        insert_health(&mut *tx, health).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub(super) async fn insert_connection_audit(
@@ -344,21 +342,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn record_health(&self, record: &HealthRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO connection_health_history
-                 (id, connection_id, checked_at, status, code, latency_ms, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(Uuid::new_v4().to_string())
-        .bind(record.connection_id.0.to_string())
-        .bind(ts(record.checked_at))
-        .bind(record.status.as_str())
-        .bind(record.code.as_deref())
-        .bind(record.latency_ms)
-        .bind(record.message.as_deref())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_health(&self.pool, record).await
     }
 
     pub(super) async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {
@@ -461,6 +445,58 @@ pub(super) async fn begin_write(pool: &SqlitePool) -> Result<Transaction<'static
 
 /// Timestamps as stored: RFC 3339, UTC, `Z`, exactly three fractional digits — the same as the
 /// schema's `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` defaults, so stored values are comparable.
+/// A check's outcome on an active connection whose credentials are still those checked (and,
+/// given `decided_from`, that nothing checked or re-sessioned since); `false` if not applied.
+async fn update_status_on(
+    db: impl sqlx::SqliteExecutor<'_>,
+    id: ConnectionId,
+    update: &StatusUpdate,
+    decided_from: Option<DecidedFrom>,
+) -> Result<bool> {
+    let permissions = update.permissions.map(|p| serde_json::json!(p).to_string());
+    let updated = sqlx::query(
+        "UPDATE exchange_keys SET
+             status = ?2, status_message = ?3, last_latency_ms = ?4,
+             permissions = COALESCE(?5, permissions), consecutive_failures = ?6,
+             last_checked_at = ?7
+         WHERE id = ?1 AND is_active = 1 AND credentials_version = ?8
+           AND (?9 = 0 OR (last_checked_at IS ?10 AND session_expires_at IS ?11))",
+    )
+    .bind(id.0.to_string())
+    .bind(update.status.as_str())
+    .bind(update.status_message.as_deref())
+    .bind(update.latency_ms)
+    .bind(permissions)
+    .bind(update.consecutive_failures)
+    .bind(ts(update.checked_at))
+    .bind(update.credentials_version)
+    .bind(decided_from.is_some())
+    .bind(decided_from.and_then(|d| d.last_checked_at).map(ts))
+    .bind(decided_from.and_then(|d| d.session_expires_at).map(ts))
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(updated == 1)
+}
+
+async fn insert_health(db: impl sqlx::SqliteExecutor<'_>, record: &HealthRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO connection_health_history
+             (id, connection_id, checked_at, status, code, latency_ms, message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(Uuid::new_v4().to_string())
+    .bind(record.connection_id.0.to_string())
+    .bind(ts(record.checked_at))
+    .bind(record.status.as_str())
+    .bind(record.code.as_deref())
+    .bind(record.latency_ms)
+    .bind(record.message.as_deref())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 pub(super) fn ts(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use tradeeon_shared::domain::{
     ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions,
 };
-use tradeeon_shared::store::{AuditEntryInput, HealthRecord, StatusUpdate, Store, StoreError};
+use tradeeon_shared::store::{AuditEntryInput, DecidedFrom, HealthRecord, StatusUpdate, Store, StoreError};
 
 use crate::harness::{creds, new_connection, user};
 
@@ -163,7 +163,7 @@ async fn record_check_writes_status_and_history_together(store: Store) {
     let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap() };
 
     let version = conn.credentials_version;
-    assert!(store.record_check(conn.id, update(version, ConnectionStatus::Connected), health(ConnectionStatus::Connected)).await.unwrap());
+    assert!(store.record_check(conn.id, update(version, ConnectionStatus::Connected), health(ConnectionStatus::Connected), None).await.unwrap());
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Connected);
     assert_eq!(record.last_latency_ms, Some(42));
@@ -173,14 +173,72 @@ async fn record_check_writes_status_and_history_together(store: Store) {
     assert_eq!(rows[0].latency_ms, Some(42));
 
     // Stale version: neither the status nor a history row.
-    assert!(!store.record_check(conn.id, update(version + 1, ConnectionStatus::Error), health(ConnectionStatus::Error)).await.unwrap());
+    assert!(!store.record_check(conn.id, update(version + 1, ConnectionStatus::Error), health(ConnectionStatus::Error), None).await.unwrap());
     assert_eq!(store.get_connection(&alice, conn.id).await.unwrap().unwrap().status, ConnectionStatus::Connected);
     assert_eq!(history().await.len(), 1);
 
     // Revoked: the same.
     store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
-    assert!(!store.record_check(conn.id, update(version, ConnectionStatus::Error), health(ConnectionStatus::Error)).await.unwrap());
+    assert!(!store.record_check(conn.id, update(version, ConnectionStatus::Error), health(ConnectionStatus::Error), None).await.unwrap());
     assert_eq!(history().await.len(), 1);
+}
+
+/// A check decides from the connection as it read it before calling the exchange; its write
+/// applies only while nothing has checked the connection or given it a new session since.
+async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
+    let alice = user(&store).await;
+    let conn = store
+        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "df"), None)
+        .await
+        .unwrap();
+    let version = conn.credentials_version;
+    let update = |status: ConnectionStatus, secs_ago: i64| StatusUpdate {
+        status,
+        status_message: None,
+        latency_ms: Some(7),
+        permissions: None,
+        consecutive_failures: 0,
+        checked_at: at(secs_ago),
+        credentials_version: version,
+    };
+    let health = |status: ConnectionStatus, secs_ago: i64| HealthRecord {
+        connection_id: conn.id,
+        checked_at: at(secs_ago),
+        status,
+        code: Some("ok".into()),
+        latency_ms: Some(7),
+        message: None,
+    };
+    let stored = || async { store.load_credentials(conn.id).await.unwrap().unwrap().0 };
+    let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap().len() };
+
+    // Two checks read the never-checked connection; the first to write wins.
+    let read_by_both = DecidedFrom::of(&stored().await);
+    assert_eq!(read_by_both.last_checked_at, None);
+    let first = update(ConnectionStatus::Connected, 20);
+    assert!(store.record_check(conn.id, first, health(ConnectionStatus::Connected, 20), Some(read_by_both)).await.unwrap());
+    assert!(
+        !store.record_check(conn.id, update(ConnectionStatus::Error, 19), health(ConnectionStatus::Error, 19), Some(read_by_both)).await.unwrap(),
+        "decided from a state another check has replaced"
+    );
+    assert_eq!(stored().await.status, ConnectionStatus::Connected);
+    assert_eq!(history().await, 1);
+
+    // Decided again from what is stored now, it applies.
+    let fresh = DecidedFrom::of(&stored().await);
+    assert!(fresh.last_checked_at.is_some());
+    assert!(store.record_check(conn.id, update(ConnectionStatus::Degraded, 10), health(ConnectionStatus::Degraded, 10), Some(fresh)).await.unwrap());
+    assert_eq!(history().await, 2);
+
+    // A new Kite session since the read makes the decision stale too.
+    let before_session = DecidedFrom::of(&stored().await);
+    assert!(store.store_session(conn.id, "token".into(), at(-3600), None).await.unwrap());
+    assert!(!store.record_check(conn.id, update(ConnectionStatus::Expired, 5), health(ConnectionStatus::Expired, 5), Some(before_session)).await.unwrap());
+    assert_eq!(stored().await.status, ConnectionStatus::Degraded);
+    assert_eq!(history().await, 2);
+    let after_session = DecidedFrom::of(&stored().await);
+    assert!(store.record_check(conn.id, update(ConnectionStatus::Connected, 4), health(ConnectionStatus::Connected, 4), Some(after_session)).await.unwrap());
+    assert_eq!(history().await, 3);
 }
 
 async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
@@ -297,6 +355,7 @@ contract!(
     swap_credentials_is_compare_and_swap,
     update_status_records_a_check,
     record_check_writes_status_and_history_together,
+    a_check_applies_only_to_the_state_it_was_decided_from,
     health_history_is_recorded_and_pruned_by_age,
     active_connection_ids_page_in_id_order,
     sessions_are_stored_audited_and_cleared_by_new_keys,

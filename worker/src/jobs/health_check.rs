@@ -38,7 +38,7 @@ use chrono::Utc;
 use tradeeon_shared::domain::{ConnectionId, ConnectionStatus, Exchange, Permissions};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
 use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
-use tradeeon_shared::store::{ConnectionRecord, HealthRecord, StatusUpdate};
+use tradeeon_shared::store::{ConnectionRecord, DecidedFrom, HealthRecord, StatusUpdate};
 
 use super::{
     CheckPolicy, JobEnv, JobResult, REVOKED, SUPERSEDED, Step, failed, latency_ms, slow_message, status_changed_audit,
@@ -187,6 +187,10 @@ pub fn next_status(previous: &ConnectionRecord, check: &CheckResult, policy: &Ch
     }
 }
 
+/// How often a check's write may lose to concurrent checks of the same connection before it
+/// gives up (settling as superseded: the other checks' results stand).
+const MAX_CONFLICTS: u32 = 3;
+
 #[tracing::instrument(name = "health_check_job", skip_all, fields(connection_id = %connection_id))]
 pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: ConnectionId) -> JobResult {
     let Some((record, encrypted, version)) = env.store.load_credentials(connection_id).await? else {
@@ -214,35 +218,48 @@ pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: Connecti
     };
     tracing::info!(code = result.code.as_str(), latency_ms = result.latency_ms, called, "connection checked");
 
-    let Some((current, _, current_version)) = env.store.load_credentials(connection_id).await? else {
-        return failed(REVOKED);
+    // Decided from what was read before the call, and written only if nothing has checked the
+    // connection, given it a new session or replaced its keys since (`DecidedFrom`): a check
+    // reads the connection once. Another check racing this one is the only way to lose that
+    // race; then the decision is made again from what it wrote.
+    let mut current = record;
+    let mut conflicts = 0;
+    let decision = loop {
+        let decision = next_status(&current, &result, &env.policy);
+        let checked_at = Utc::now();
+        let latency = called.then(|| latency_ms(&result));
+        let update = StatusUpdate {
+            status: decision.status,
+            status_message: decision.message.clone(),
+            latency_ms: latency,
+            permissions: decision.permissions,
+            consecutive_failures: decision.consecutive_failures,
+            checked_at,
+            credentials_version: version,
+        };
+        let health = HealthRecord {
+            connection_id,
+            checked_at,
+            status: decision.status,
+            code: Some(result.code.as_str().to_string()),
+            latency_ms: latency,
+            message: decision.message.clone(),
+        };
+        if env.store.record_check(connection_id, update, health, Some(DecidedFrom::of(&current))).await? {
+            break decision;
+        }
+        let Some((now_stored, _, now_version)) = env.store.load_credentials(connection_id).await? else {
+            return failed(REVOKED);
+        };
+        if now_version != version || now_stored.session_expires_at != current.session_expires_at {
+            return failed(SUPERSEDED);
+        }
+        conflicts += 1;
+        if conflicts >= MAX_CONFLICTS {
+            return failed(SUPERSEDED);
+        }
+        current = now_stored;
     };
-    if current_version != version || current.session_expires_at != record.session_expires_at {
-        return failed(SUPERSEDED);
-    }
-    let decision = next_status(&current, &result, &env.policy);
-    let checked_at = Utc::now();
-    let latency = called.then(|| latency_ms(&result));
-    let update = StatusUpdate {
-        status: decision.status,
-        status_message: decision.message.clone(),
-        latency_ms: latency,
-        permissions: decision.permissions,
-        consecutive_failures: decision.consecutive_failures,
-        checked_at,
-        credentials_version: version,
-    };
-    let health = HealthRecord {
-        connection_id,
-        checked_at,
-        status: decision.status,
-        code: Some(result.code.as_str().to_string()),
-        latency_ms: latency,
-        message: decision.message.clone(),
-    };
-    if !env.store.record_check(connection_id, update, health).await? {
-        return failed(REVOKED);
-    }
     if decision.status != current.status {
         tracing::info!(from = %current.status, to = %decision.status, reason = decision.reason.as_str(), "status changed");
         let audit = status_changed_audit(current.status, decision.status, &result, Some(decision.reason.as_str()));

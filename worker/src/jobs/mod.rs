@@ -363,7 +363,7 @@ pub(crate) async fn record_check(
         latency_ms: Some(latency_ms(result)),
         message: message.or_else(|| (!result.ok).then(|| result.message.clone())),
     };
-    env.store.record_check(record.id, update, health).await
+    env.store.record_check(record.id, update, health, None).await
 }
 
 /// The `connected` audit row of a check that made a connection work.

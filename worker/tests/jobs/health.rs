@@ -177,7 +177,34 @@ async fn a_revoked_connection_is_not_checked(store: Store) {
     assert_eq!(app.requests(Exchange::Binance), 0);
 }
 
+/// Two checks of one connection in flight at once both read it before either writes: each
+/// decides from what it read, and the one that writes second must decide again from what the
+/// first wrote, not overwrite it (a lost failure would hide a flapping key).
+async fn concurrent_checks_of_one_connection_lose_no_failure(store: Store) {
+    let app = spawn_app(store).await;
+    let conn = connected(&app, sim_binance::SEEDED_LOCAL_ONLY_KEY, sim_binance::SEEDED_LOCAL_ONLY_SECRET).await;
+    app.sim.state.faults.inject(Exchange::Binance, Fault::Latency(Duration::from_millis(300)));
+    app.sim.state.faults.inject(Exchange::Binance, Fault::ServerErrors { status: 503, count: 2 });
+
+    let first = app.enqueue(conn.exchange, JobPayload::HealthCheck { connection_id: conn.id }).await;
+    let second = app.enqueue(conn.exchange, JobPayload::HealthCheck { connection_id: conn.id }).await;
+    let (a, b) = tokio::join!(app.run_once(first), app.run_once(second));
+    assert_eq!(done(&a).code, CheckCode::ExchangeUnavailable);
+    assert_eq!(done(&b).code, CheckCode::ExchangeUnavailable);
+
+    // Both failures counted: the threshold (2) is reached, so the connection is degraded.
+    let after = app.connection(conn.id).await;
+    assert_eq!((after.status, after.consecutive_failures), (ConnectionStatus::Degraded, 2));
+    let history = app.store.list_health_history(&app.user, conn.id, 10).await.unwrap();
+    assert_eq!(history.len(), 3, "verify and both checks");
+    assert_eq!(
+        status_changes(&app.audit().await),
+        [("connected".into(), "degraded".into(), "exchange_unavailable".into())]
+    );
+}
+
 both_backends!(
+    concurrent_checks_of_one_connection_lose_no_failure,
     a_healthy_check_is_recorded_in_history,
     one_transient_failure_does_not_flip_a_healthy_connection,
     a_refused_key_is_rechecked_once_before_error,
