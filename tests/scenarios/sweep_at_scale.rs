@@ -138,12 +138,19 @@ async fn sweep_at_scale() {
             }
         })
         .await;
-    let marked_complete: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT completed_at FROM public.health_sweeps WHERE slot = $1")
+    // The scheduler looks every 5 s (`completion_poll`): give it one more look.
+    let mut marked_complete: Option<DateTime<Utc>> = None;
+    let looking_until = Instant::now() + Duration::from_secs(7);
+    while marked_complete.is_none() && Instant::now() < looking_until {
+        marked_complete = sqlx::query_scalar("SELECT completed_at FROM public.health_sweeps WHERE slot = $1")
             .bind(slot)
             .fetch_one(&s.db.pool)
             .await
             .expect("completed_at");
+        if marked_complete.is_none() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
     let peak_rss: Vec<u64> = workers.iter().map(|w| peak_rss_kib(w.pid())).collect();
     stop.store(true, Ordering::SeqCst);
     probe.await.expect("probe");
