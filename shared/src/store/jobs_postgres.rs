@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::coalesce::{BatchFn, Coalescer, in_order};
 use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS};
-use super::postgres::PgStore;
+use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
 use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
@@ -362,6 +362,7 @@ pub(super) struct PgBatches {
     get_job: Coalescer<(JobId, UserId), Option<JobRecord>>,
     claim: Coalescer<JobId, Option<ClaimedJob>>,
     finish: Coalescer<(JobId, JobOutcome), bool>,
+    pub(super) record_check: Coalescer<CheckWrite, bool>,
 }
 
 /// Most calls in one statement.
@@ -369,12 +370,13 @@ const MAX_BATCH: usize = 128;
 
 impl PgBatches {
     /// `(calls, statements)` per kind of batched statement, since start.
-    pub(super) fn counts(&self) -> [(&'static str, (u64, u64)); 4] {
+    pub(super) fn counts(&self) -> [(&'static str, (u64, u64)); 5] {
         [
             ("enqueue", self.enqueue.counts()),
             ("get_job", self.get_job.counts()),
             ("claim", self.claim.counts()),
             ("finish", self.finish.counts()),
+            ("record_check", self.record_check.counts()),
         ]
     }
 
@@ -394,11 +396,13 @@ impl PgBatches {
         let get_job = batch_fn(|mut conn, keys| async move { get_jobs(&mut *conn, keys).await });
         let claim = batch_fn(|mut conn, ids| async move { claim_jobs(&mut *conn, ids).await });
         let finish = batch_fn(|mut conn, outcomes| async move { finish_jobs(&mut *conn, outcomes).await });
+        let record_check = batch_fn(|mut conn, writes| async move { record_checks(&mut *conn, writes).await });
         Self {
             enqueue: Coalescer::start(pool, lanes, MAX_BATCH, enqueue),
             get_job: Coalescer::start(pool, lanes, MAX_BATCH, get_job),
             claim: Coalescer::start(pool, lanes, MAX_BATCH, claim),
             finish: Coalescer::start(pool, lanes, MAX_BATCH, finish),
+            record_check: Coalescer::start(pool, lanes, MAX_BATCH, record_check),
         }
     }
 }

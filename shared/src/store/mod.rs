@@ -631,7 +631,9 @@ impl Store {
     /// A check's outcome: [`Store::update_status`] and, only if that applied, the health-history
     /// row. `false` (and no history row) if the connection is gone or revoked, or its credentials
     /// changed, or — given `decided_from` — it was checked again or got a new session since. On
-    /// PostgreSQL one statement — a check used to spend a round trip and a commit on each.
+    /// PostgreSQL coalesced with concurrent checks' writes into one statement, which does not
+    /// wait for its WAL flush: for jobs only, whose acknowledgement flushes after it (a crash
+    /// before that runs the job again).
     #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
     pub async fn record_check(
         &self,
@@ -641,7 +643,7 @@ impl Store {
         decided_from: Option<DecidedFrom>,
     ) -> Result<bool> {
         match &self.inner {
-            Inner::Postgres(s) => s.record_check(id, &update, &health, decided_from).await,
+            Inner::Postgres(s) => s.record_check(postgres::CheckWrite { id, update, health, decided_from }).await,
             Inner::Sqlite(s) => {
                 // One writer at a time on SQLite: the transaction makes the check and the write
                 // one step.

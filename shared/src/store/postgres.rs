@@ -40,18 +40,15 @@ macro_rules! update_status_sql {
              status = $2, status_message = $3, last_latency_ms = $4,
              permissions = COALESCE($5, permissions), consecutive_failures = $6,
              last_checked_at = $7
-         WHERE id = $1 AND is_active AND credentials_version = $8
-           AND ($9 IS NULL OR (last_checked_at IS NOT DISTINCT FROM $10
-                               AND session_expires_at IS NOT DISTINCT FROM $11))"
+         WHERE id = $1 AND is_active AND credentials_version = $8"
     };
 }
 
-/// Binds `$1`–`$11` of [`update_status_sql`].
+/// Binds `$1`–`$8` of [`update_status_sql`].
 fn bind_status_update<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     id: ConnectionId,
     update: &'q StatusUpdate,
-    decided_from: Option<DecidedFrom>,
 ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     query
         .bind(id.0)
@@ -62,9 +59,6 @@ fn bind_status_update<'q>(
         .bind(update.consecutive_failures)
         .bind(update.checked_at)
         .bind(update.credentials_version)
-        .bind(decided_from.map(|_| true))
-        .bind(decided_from.and_then(|d| d.last_checked_at))
-        .bind(decided_from.and_then(|d| d.session_expires_at))
 }
 
 macro_rules! audit_columns {
@@ -325,7 +319,7 @@ impl PgStore {
     }
 
     pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update, None)
+        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update)
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -397,31 +391,8 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) async fn record_check(
-        &self,
-        id: ConnectionId,
-        update: &StatusUpdate,
-        health: &HealthRecord,
-        decided_from: Option<DecidedFrom>,
-    ) -> Result<bool> {
-        let query = sqlx::query(concat!(
-            "WITH updated AS (",
-            update_status_sql!(),
-            " RETURNING id)
-             INSERT INTO public.connection_health_history
-                 (connection_id, checked_at, status, code, latency_ms, message)
-             SELECT id, $12, $13, $14, $15, $16 FROM updated"
-        ));
-        let recorded = bind_status_update(query, id, update, decided_from)
-            .bind(health.checked_at)
-            .bind(health.status.as_str())
-            .bind(health.code.as_deref())
-            .bind(health.latency_ms)
-            .bind(health.message.as_deref())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(recorded == 1)
+    pub(super) async fn record_check(&self, write: CheckWrite) -> Result<bool> {
+        self.batches.record_check.call(write).await
     }
 
     pub(super) async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {
@@ -643,6 +614,114 @@ async fn insert_connection_audit(
 
 fn details_json(details: &Value) -> Option<&Value> {
     (!details.is_null()).then_some(details)
+}
+
+/// One check's outcome for [`record_checks`] (see `Store::record_check`).
+#[derive(Debug, Clone)]
+pub(super) struct CheckWrite {
+    pub(super) id: ConnectionId,
+    pub(super) update: StatusUpdate,
+    pub(super) health: HealthRecord,
+    pub(super) decided_from: Option<DecidedFrom>,
+}
+
+/// Checks' outcomes, coalesced (see [`super::coalesce`]): each status compare-and-set and, only
+/// where it applied, its history row; `true` for those applied. One statement per batch, except
+/// that a second write for the same connection goes in a statement after the first: one
+/// `UPDATE … FROM` would apply only one of the two, and not predictably which.
+///
+/// Not waiting for the WAL flush, like the claim and settle (see `NO_FLUSH` in
+/// jobs_postgres.rs): only jobs record checks, and each job ends with apalis's acknowledgement,
+/// which flushes. A crash before that loses at most this write, and the ticket runs it again.
+pub(super) async fn record_checks(conn: &mut PgConnection, writes: Vec<CheckWrite>) -> Result<Vec<bool>> {
+    let mut answers = vec![false; writes.len()];
+    let mut pending: Vec<usize> = (0..writes.len()).collect();
+    while !pending.is_empty() {
+        let mut seen = std::collections::HashSet::with_capacity(pending.len());
+        let (now, later): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| seen.insert(writes[i].id));
+        let batch: Vec<&CheckWrite> = now.iter().map(|&i| &writes[i]).collect();
+        for (i, applied) in now.iter().zip(record_checks_at_once(&mut *conn, &batch).await?) {
+            answers[*i] = applied;
+        }
+        pending = later;
+    }
+    Ok(answers)
+}
+
+async fn record_checks_at_once(db: impl sqlx::PgExecutor<'_>, writes: &[&CheckWrite]) -> Result<Vec<bool>> {
+    let column = |f: &dyn Fn(&CheckWrite) -> Option<DateTime<Utc>>| writes.iter().map(|w| f(w)).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = writes.iter().map(|w| w.id.0).collect();
+    let statuses: Vec<&str> = writes.iter().map(|w| w.update.status.as_str()).collect();
+    let messages: Vec<Option<&str>> = writes.iter().map(|w| w.update.status_message.as_deref()).collect();
+    let latencies: Vec<Option<i32>> = writes.iter().map(|w| w.update.latency_ms).collect();
+    let permissions: Vec<Option<Value>> = writes.iter().map(|w| w.update.permissions.map(permissions_json)).collect();
+    let failures: Vec<i32> = writes.iter().map(|w| w.update.consecutive_failures).collect();
+    let checked_at = column(&|w| Some(w.update.checked_at));
+    let versions: Vec<i32> = writes.iter().map(|w| w.update.credentials_version).collect();
+    let conditional: Vec<bool> = writes.iter().map(|w| w.decided_from.is_some()).collect();
+    let last_checked = column(&|w| w.decided_from.and_then(|d| d.last_checked_at));
+    let sessions = column(&|w| w.decided_from.and_then(|d| d.session_expires_at));
+    let health_at = column(&|w| Some(w.health.checked_at));
+    let health_statuses: Vec<&str> = writes.iter().map(|w| w.health.status.as_str()).collect();
+    let codes: Vec<Option<&str>> = writes.iter().map(|w| w.health.code.as_deref()).collect();
+    let health_latencies: Vec<Option<i32>> = writes.iter().map(|w| w.health.latency_ms).collect();
+    let health_messages: Vec<Option<&str>> = writes.iter().map(|w| w.health.message.as_deref()).collect();
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::int4[],
+                                  $7::timestamptz[], $8::int4[], $9::bool[], $10::timestamptz[],
+                                  $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[],
+                                  $15::int4[], $16::text[])
+                 WITH ORDINALITY
+                 AS i (id, status, status_message, latency_ms, permissions, failures, checked_at, version,
+                       conditional, last_checked_at, session_expires_at, health_at, health_status, code,
+                       health_latency_ms, health_message, ord)
+         ),
+         updated AS (
+             UPDATE public.exchange_keys AS k
+                SET status = i.status, status_message = i.status_message, last_latency_ms = i.latency_ms,
+                    permissions = COALESCE(i.permissions, k.permissions), consecutive_failures = i.failures,
+                    last_checked_at = i.checked_at
+               FROM input AS i, (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
+              WHERE k.id = i.id AND k.is_active AND k.credentials_version = i.version
+                AND (NOT i.conditional
+                     OR (k.last_checked_at IS NOT DISTINCT FROM i.last_checked_at
+                         AND k.session_expires_at IS NOT DISTINCT FROM i.session_expires_at))
+             RETURNING i.ord
+         ),
+         history AS (
+             INSERT INTO public.connection_health_history
+                 (connection_id, checked_at, status, code, latency_ms, message)
+             SELECT i.id, i.health_at, i.health_status, i.code, i.health_latency_ms, i.health_message
+               FROM input AS i JOIN updated AS u ON u.ord = i.ord
+         )
+         SELECT ord FROM updated",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&messages)
+    .bind(&latencies)
+    .bind(&permissions)
+    .bind(&failures)
+    .bind(&checked_at)
+    .bind(&versions)
+    .bind(&conditional)
+    .bind(&last_checked)
+    .bind(&sessions)
+    .bind(&health_at)
+    .bind(&health_statuses)
+    .bind(&codes)
+    .bind(&health_latencies)
+    .bind(&health_messages)
+    .fetch_all(db)
+    .await?;
+    let mut answers = vec![false; writes.len()];
+    for ord in applied {
+        if let Some(answer) = usize::try_from(ord - 1).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = true;
+        }
+    }
+    Ok(answers)
 }
 
 fn permissions_json(permissions: Permissions) -> Value {

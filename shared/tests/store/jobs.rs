@@ -465,9 +465,12 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
         assert_eq!(raw_payload(&store, &id.to_string()).await, None, "payload wiped");
     }
 
-    // And they did share statements.
+    // And they did share statements (`record_check` is not exercised here: see the store test
+    // `service::concurrent_checks_are_written_together_each_with_its_own_answer`).
     for (kind, calls, statements) in store.coalesced_statements() {
-        assert!(statements < calls, "{kind}: {calls} calls in {statements} statements");
+        if kind != "record_check" {
+            assert!(statements < calls, "{kind}: {calls} calls in {statements} statements");
+        }
     }
 }
 

@@ -241,6 +241,80 @@ async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
     assert_eq!(history().await, 3);
 }
 
+/// Many checks' writes at once (as a sweep makes them) are coalesced on PostgreSQL, and each
+/// still gets its own answer: applied, or refused because its decision is stale — including two
+/// decisions about one connection in the same batch, of which exactly one applies.
+async fn concurrent_checks_are_written_together_each_with_its_own_answer(store: Store) {
+    use futures::future::join_all;
+    let mut owners = Vec::new();
+    let mut connections = Vec::new();
+    for i in 0..20 {
+        let owner = user(&store).await;
+        for exchange in [Exchange::Binance, Exchange::Kraken] {
+            let conn = store.upsert_connection(&owner, new_connection(exchange, &format!("cc{i}")), None).await.unwrap();
+            connections.push((owner.clone(), conn));
+        }
+        owners.push(owner);
+    }
+    let write = |conn: &tradeeon_shared::store::ConnectionRecord, status: ConnectionStatus, version: i32, failures: i32| {
+        let update = StatusUpdate {
+            status,
+            status_message: Some(format!("{status}")),
+            latency_ms: Some(failures + 10),
+            permissions: None,
+            consecutive_failures: failures,
+            checked_at: at(1),
+            credentials_version: version,
+        };
+        let health = HealthRecord {
+            connection_id: conn.id,
+            checked_at: at(1),
+            status,
+            code: Some("ok".into()),
+            latency_ms: Some(failures + 10),
+            message: None,
+        };
+        store.record_check(conn.id, update, health, Some(DecidedFrom::of(conn)))
+    };
+    // Connection 10 gets two decisions made from the same state, issued one after the other so
+    // that they most likely share a batch; the last connection a check of keys it never had.
+    const TWICE: usize = 10;
+    let (_, twice) = &connections[TWICE];
+    let (_, last) = &connections[connections.len() - 1];
+    let mut writes: Vec<_> = connections
+        .iter()
+        .enumerate()
+        .map(|(i, (_, conn))| write(conn, ConnectionStatus::Connected, conn.credentials_version, i as i32))
+        .collect();
+    writes.insert(TWICE + 1, write(twice, ConnectionStatus::Error, twice.credentials_version, 99));
+    writes.push(write(last, ConnectionStatus::Error, last.credentials_version + 1, 98));
+    let mut answers: Vec<bool> = join_all(writes).await.into_iter().map(Result::unwrap).collect();
+    let stale = answers.pop().unwrap();
+    let second = answers.remove(TWICE + 1);
+
+    assert!(
+        answers.iter().enumerate().all(|(i, a)| *a || i == TWICE),
+        "every other connection's check applies: {answers:?}"
+    );
+    assert!(answers[TWICE] != second, "exactly one of two decisions from the same state applies");
+    assert!(!stale, "a check of keys the connection never had does not apply");
+    let n = connections.len();
+    for (i, (owner, conn)) in connections.iter().enumerate() {
+        let stored = store.get_connection(owner, conn.id).await.unwrap().unwrap();
+        let history = store.list_health_history(owner, conn.id, 10).await.unwrap();
+        assert_eq!(history.len(), 1, "connection {i}: one history row");
+        let expected = if i == TWICE && second { (ConnectionStatus::Error, 99) } else { (ConnectionStatus::Connected, i as i32) };
+        assert_eq!((stored.status, stored.consecutive_failures), expected, "connection {i}");
+        assert_eq!((history[0].status, history[0].latency_ms), (expected.0, Some(expected.1 + 10)), "connection {i}");
+    }
+    if store.pg_pool().is_some() {
+        let (_, calls, statements) =
+            store.coalesced_statements().into_iter().find(|(kind, _, _)| *kind == "record_check").expect("record_check");
+        assert_eq!(calls, n as u64 + 2);
+        assert!(statements < calls, "{calls} checks written in {statements} statements");
+    }
+}
+
 async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
@@ -356,6 +430,7 @@ contract!(
     update_status_records_a_check,
     record_check_writes_status_and_history_together,
     a_check_applies_only_to_the_state_it_was_decided_from,
+    concurrent_checks_are_written_together_each_with_its_own_answer,
     health_history_is_recorded_and_pruned_by_age,
     active_connection_ids_page_in_id_order,
     sessions_are_stored_audited_and_cleared_by_new_keys,
