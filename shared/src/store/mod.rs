@@ -644,11 +644,7 @@ impl Store {
     ) -> Result<bool> {
         match &self.inner {
             Inner::Postgres(s) => s.record_check(postgres::CheckWrite { id, update, health, decided_from }).await,
-            Inner::Sqlite(s) => {
-                // One writer at a time on SQLite: the transaction makes the check and the write
-                // one step.
-                s.record_check(id, &update, &health, decided_from).await
-            }
+            Inner::Sqlite(s) => s.record_check(id, &update, &health, decided_from).await,
         }
     }
 

@@ -32,35 +32,6 @@ macro_rules! connection_columns {
     };
 }
 
-/// A check's outcome on an active connection whose credentials are still those checked
-/// (`$1`–`$8`; see [`bind_status_update`]).
-macro_rules! update_status_sql {
-    () => {
-        "UPDATE public.exchange_keys SET
-             status = $2, status_message = $3, last_latency_ms = $4,
-             permissions = COALESCE($5, permissions), consecutive_failures = $6,
-             last_checked_at = $7
-         WHERE id = $1 AND is_active AND credentials_version = $8"
-    };
-}
-
-/// Binds `$1`–`$8` of [`update_status_sql`].
-fn bind_status_update<'q>(
-    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
-    id: ConnectionId,
-    update: &'q StatusUpdate,
-) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
-    query
-        .bind(id.0)
-        .bind(update.status.as_str())
-        .bind(update.status_message.as_deref())
-        .bind(update.latency_ms)
-        .bind(update.permissions.map(permissions_json))
-        .bind(update.consecutive_failures)
-        .bind(update.checked_at)
-        .bind(update.credentials_version)
-}
-
 macro_rules! audit_columns {
     () => {
         "id, connection_id, action, host(ip_address) AS ip_address, user_agent, details, created_at"
@@ -319,10 +290,24 @@ impl PgStore {
     }
 
     pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let updated = bind_status_update(sqlx::query(update_status_sql!()), id, update)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let updated = sqlx::query(
+            "UPDATE public.exchange_keys SET
+                 status = $2, status_message = $3, last_latency_ms = $4,
+                 permissions = COALESCE($5, permissions), consecutive_failures = $6,
+                 last_checked_at = $7
+             WHERE id = $1 AND is_active AND credentials_version = $8",
+        )
+        .bind(id.0)
+        .bind(update.status.as_str())
+        .bind(update.status_message.as_deref())
+        .bind(update.latency_ms)
+        .bind(update.permissions.map(permissions_json))
+        .bind(update.consecutive_failures)
+        .bind(update.checked_at)
+        .bind(update.credentials_version)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(updated == 1)
     }
 
