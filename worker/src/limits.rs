@@ -14,7 +14,7 @@
 //! * **What the exchanges tell us** ([`RateGate::report`]), which also covers the other worker
 //!   processes behind the same IP: a `Retry-After` pauses that bucket (that key's, for per-key
 //!   buckets) until it ends; a Binance ban (418) pauses *every* Binance bucket of the IP until it
-//!   ends; Binance's used-weight headers above [`SLOW_DOWN_PERCENT`] of the minute's limit (or at
+//!   ends; Binance's used-weight headers within [`slow_down_reserve`] of the minute's limit (or at
 //!   our own budget for the minute, when that is smaller) pause the bucket until the next minute
 //!   boundary (Binance counts weight per calendar minute, which our GCRA budget only
 //!   approximates).
@@ -49,9 +49,13 @@ use crate::metrics::WorkerMetrics;
 pub const DEFAULT_MAX_PAUSE_WAIT: Duration = Duration::from_secs(2);
 /// Waits for our own budget up to this long; longer waits refuse with `Err(wait)`.
 pub const DEFAULT_MAX_BUDGET_WAIT: Duration = Duration::from_secs(10);
-/// Binance's reported used weight above this share of the minute's limit pauses the bucket until
-/// the next minute.
-pub const SLOW_DOWN_PERCENT: u64 = 90;
+/// Requests the slow-down holds weight back for: those already in flight, from every process
+/// behind the IP, when Binance's used-weight header crosses the line (16 processes at the
+/// default `WORKER_CONCURRENCY` of 16). Each is counted at the heaviest weight the bucket has
+/// been asked for.
+pub const IN_FLIGHT_RESERVE_REQUESTS: u64 = 256;
+/// The slow-down never holds back more than this share of the minute's limit.
+pub const MAX_RESERVE_PERCENT: u64 = 10;
 /// Added to "the next minute boundary", as Binance's minute is on its clock, not ours.
 const MINUTE_BOUNDARY_MARGIN: Duration = Duration::from_millis(250);
 /// Idle per-key limiter state is pruned every this many acquisitions.
@@ -72,15 +76,21 @@ struct Budget {
     limiter: Limiter,
     /// The quota's burst: the most one request can be charged.
     capacity: NonZeroU32,
+    /// The heaviest cost asked for in this bucket so far (sizes the slow-down's reserve).
+    heaviest: AtomicU64,
 }
 
 impl Budget {
     fn shared(quota: Quota) -> Self {
-        Self { capacity: quota.burst_size(), limiter: Limiter::Shared(DefaultDirectRateLimiter::direct(quota)) }
+        Self::new(quota, Limiter::Shared(DefaultDirectRateLimiter::direct(quota)))
     }
 
     fn per_key(quota: Quota) -> Self {
-        Self { capacity: quota.burst_size(), limiter: Limiter::PerKey(DefaultKeyedRateLimiter::keyed(quota)) }
+        Self::new(quota, Limiter::PerKey(DefaultKeyedRateLimiter::keyed(quota)))
+    }
+
+    fn new(quota: Quota, limiter: Limiter) -> Self {
+        Self { capacity: quota.burst_size(), limiter, heaviest: AtomicU64::new(1) }
     }
 
     /// Takes `cost` now, or says how long until it could be taken (nothing is taken then).
@@ -305,8 +315,13 @@ impl RateLimits {
             self.prune();
         }
         self.wait_for_pause(key).await?;
+        let budget = self.budgets.get(&(key.exchange, key.bucket));
+        if let Some(budget) = budget {
+            // Before the request is sent, so a heavy request already counts in the reserve.
+            budget.heaviest.fetch_max(u64::from(cost), Ordering::Relaxed);
+        }
         if self.config.enabled
-            && let Some(budget) = self.budgets.get(&(key.exchange, key.bucket))
+            && let Some(budget) = budget
         {
             let started = Instant::now();
             let mut waited = false;
@@ -332,6 +347,14 @@ impl RateLimits {
         }
         Ok(())
     }
+}
+
+/// The weight the slow-down leaves unspent in a minute whose limit is `limit_per_minute`, when the
+/// bucket's heaviest request costs `heaviest`: enough for [`IN_FLIGHT_RESERVE_REQUESTS`] of them,
+/// at most [`MAX_RESERVE_PERCENT`] of the limit. A fixed share would waste most of a large limit
+/// on cheap requests: 10 % of Binance's `/sapi` 12,000 is 1,200 health checks a minute.
+pub fn slow_down_reserve(limit_per_minute: u32, heaviest: u64) -> u64 {
+    (IN_FLIGHT_RESERVE_REQUESTS * heaviest.max(1)).min(u64::from(limit_per_minute) * MAX_RESERVE_PERCENT / 100)
 }
 
 /// The next calendar-minute boundary of our clock, from now.
@@ -375,12 +398,16 @@ impl RateGate for RateLimits {
                     _ => None,
                 };
                 // The reported weight counts every process behind our IP. Against Binance's own
-                // limit, slow down with a margin before a 429; against a smaller budget of ours,
-                // stop only when the minute's budget is spent (a margin there would cap us at
-                // 90 % of what the operator allowed).
+                // limit, stop short of it by what may still be in flight, so none of it meets a
+                // 429; against a smaller budget of ours, stop only when the minute's budget is
+                // spent (a margin there would only waste what the operator allowed).
+                let heaviest = self
+                    .budgets
+                    .get(&(key.exchange, key.bucket))
+                    .map_or(1, |b| b.heaviest.load(Ordering::Relaxed));
                 let spent = match configured {
                     Some(ours) if self.config.enabled && ours < limit_per_minute => used >= ours,
-                    _ => u64::from(used) * 100 > u64::from(limit_per_minute) * SLOW_DOWN_PERCENT,
+                    _ => u64::from(used) + slow_down_reserve(limit_per_minute, heaviest) > u64::from(limit_per_minute),
                 };
                 let limit = configured.filter(|_| self.config.enabled).map_or(limit_per_minute, |o| o.min(limit_per_minute));
                 if spent {
@@ -450,11 +477,29 @@ mod tests {
     async fn used_weight_near_the_limit_pauses_until_the_next_minute() {
         let gate = RateLimits::new(&config()).with_max_pause_wait(Duration::ZERO);
         let api = key(Exchange::Binance, BINANCE_API, None);
+        // Weight-1 requests only: the reserve is one per request that may be in flight.
+        let reserve = IN_FLIGHT_RESERVE_REQUESTS as u32;
+        gate.report(&api, LimitFeedback::UsedWeight { used: 6_000 - reserve, limit_per_minute: 6_000 });
+        gate.acquire(&api, 1).await.expect("the reserve exactly left is still fine");
+        gate.report(&api, LimitFeedback::UsedWeight { used: 6_001 - reserve, limit_per_minute: 6_000 });
+        let wait = gate.acquire(&api, 1).await.unwrap_err();
+        assert!(wait <= Duration::from_secs(60) + MINUTE_BOUNDARY_MARGIN, "{wait:?}");
+
+        // Once a heavy request (an account read, weight 20) is asked for, the reserve grows, up to
+        // a tenth of the limit.
+        let gate = RateLimits::new(&config()).with_max_pause_wait(Duration::ZERO);
+        gate.acquire(&api, 20).await.unwrap();
         gate.report(&api, LimitFeedback::UsedWeight { used: 5_400, limit_per_minute: 6_000 });
         gate.acquire(&api, 1).await.expect("90% exactly is still fine");
         gate.report(&api, LimitFeedback::UsedWeight { used: 5_401, limit_per_minute: 6_000 });
-        let wait = gate.acquire(&api, 1).await.unwrap_err();
-        assert!(wait <= Duration::from_secs(60) + MINUTE_BOUNDARY_MARGIN, "{wait:?}");
+        assert!(gate.acquire(&api, 1).await.is_err(), "within a tenth of the limit after a heavy request");
+        // The /sapi bucket is separate: its health checks (weight 1) keep the small reserve.
+        let sapi = key(Exchange::Binance, BINANCE_SAPI, None);
+        gate.report(&sapi, LimitFeedback::UsedWeight { used: 11_700, limit_per_minute: 12_000 });
+        gate.acquire(&sapi, 1).await.expect("97.5% of /sapi is below its reserve");
+        assert_eq!(slow_down_reserve(12_000, 1), 256);
+        assert_eq!(slow_down_reserve(12_000, 20), 1_200);
+
         // Our own, smaller budget counts when it is lower than the exchange's limit.
         let gate = RateLimits::new(&RateLimitConfig { binance_sapi_weight_per_minute: 1_000, ..config() })
             .with_max_pause_wait(Duration::ZERO);
