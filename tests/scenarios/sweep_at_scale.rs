@@ -152,6 +152,8 @@ async fn sweep_at_scale() {
         }
     }
     let peak_rss: Vec<u64> = workers.iter().map(|w| peak_rss_kib(w.pid())).collect();
+    // Each time a worker saw Binance's reported weight reach its reserve and stopped for the minute.
+    let slow_downs: usize = workers.iter().map(|w| count_log_lines(&w.log, "pausing until the next minute")).sum();
     stop.store(true, Ordering::SeqCst);
     probe.await.expect("probe");
     watcher.await.expect("watcher");
@@ -228,7 +230,8 @@ async fn sweep_at_scale() {
         marked_complete.map_or("no (it stops watching after two intervals)".to_string(), |t| t.to_rfc3339())
     ));
     figures.note(format!(
-        "429s: {} in the log, {codes_rate_limited} checks rate_limited (must be 0)",
+        "429s: {} in the log, {codes_rate_limited} checks rate_limited (must be 0); Binance slow-downs to the next \
+         minute: {slow_downs}",
         limited.get(&429).unwrap_or(&0)
     ));
     figures.note(format!(
@@ -263,6 +266,18 @@ fn met(ok: bool) -> &'static str {
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Lines of the log at `path` containing `needle` (read as a stream: debug logs of a big sweep are
+/// large).
+fn count_log_lines(path: &std::path::Path, needle: &str) -> usize {
+    use std::io::BufRead as _;
+    let Ok(file) = std::fs::File::open(path) else { return 0 };
+    std::io::BufReader::new(file)
+        .split(b'\n')
+        .map_while(Result::ok)
+        .filter(|line| String::from_utf8_lossy(line).contains(needle))
+        .count()
 }
 
 /// VmHWM of a process, in KiB.
