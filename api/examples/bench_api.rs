@@ -198,8 +198,8 @@ fn print_coalescing(store: &Store) {
     let shared: Vec<String> = store
         .coalesced_statements()
         .iter()
-        .filter(|(_, calls, _)| *calls > 0)
-        .map(|(kind, calls, statements)| format!("{kind} {calls} calls in {statements} statements"))
+        .filter(|s| s.calls > 0)
+        .map(|s| format!("{} calls in {} statements ({})", s.calls, s.statements, s.summary()))
         .collect();
-    println!("  coalesced: {}", shared.join(", "));
+    println!("  coalesced: {}", shared.join("; "));
 }

@@ -190,13 +190,11 @@ async fn main() -> anyhow::Result<()> {
         .fetch_all(pool)
         .await?;
         println!("          results (code, jobs, of them retried): {codes:?}");
-        let batching: Vec<String> = store
-            .coalesced_statements()
-            .iter()
-            .filter(|(_, calls, _)| *calls > 0)
-            .map(|(kind, calls, statements)| format!("{kind} {:.1}", *calls as f64 / (*statements).max(1) as f64))
-            .collect();
-        println!("          calls per statement: {}", batching.join(", "));
+        // Where a job's claim and settle spend their time: waiting for a statement (a free lane,
+        // a pooled connection and sqlx's liveness check of it), then the statement itself.
+        for stats in store.coalesced_statements().iter().filter(|s| s.calls > 0) {
+            println!("          {}", stats.summary());
+        }
         // Claims are meant to be HOT updates (no index work; see the lean_job_indexes migration).
         // The statistics arrive within a second or so.
         tokio::time::sleep(Duration::from_millis(1500)).await;

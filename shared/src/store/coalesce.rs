@@ -42,6 +42,8 @@ type BatchFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>>> + Send>>;
 pub(super) type BatchFn<I, O> = Arc<dyn Fn(PoolConnection<sqlx::Postgres>, Vec<I>) -> BatchFuture<O> + Send + Sync>;
 
 struct Call<I, O> {
+    /// When the call was made: the wait for a statement is counted from here.
+    made: std::time::Instant,
     input: I,
     reply: oneshot::Sender<Result<O>>,
 }
@@ -55,11 +57,42 @@ pub(super) struct Coalescer<I, O> {
     counts: Arc<Counts>,
 }
 
-/// Calls made and statements (batches) run, since start.
+/// Calls made and statements (batches) run, since start, and where their time went.
 #[derive(Debug, Default)]
 struct Counts {
     calls: AtomicU64,
     batches: AtomicU64,
+    /// Microseconds, summed over calls, from each call to its statement being sent (a free lane,
+    /// a pooled connection and its liveness check).
+    waited_us: AtomicU64,
+    /// Microseconds, summed over statements, each statement took (round trip included).
+    ran_us: AtomicU64,
+}
+
+/// One kind of coalesced statement's calls and statements since start (for benchmarks and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoalescedStats {
+    pub kind: &'static str,
+    pub calls: u64,
+    pub statements: u64,
+    /// Summed over calls: from the call to its statement being sent.
+    pub waited: std::time::Duration,
+    /// Summed over statements: how long each took.
+    pub ran: std::time::Duration,
+}
+
+impl CoalescedStats {
+    /// `calls per statement, wait per call, time per statement` as a benchmark prints it.
+    pub fn summary(&self) -> String {
+        let per = |total: std::time::Duration, n: u64| total.as_secs_f64() * 1e3 / n.max(1) as f64;
+        format!(
+            "{} {:.1} calls/statement, {:.2} ms waited per call, {:.2} ms per statement",
+            self.kind,
+            self.calls as f64 / self.statements.max(1) as f64,
+            per(self.waited, self.calls),
+            per(self.ran, self.statements)
+        )
+    }
 }
 
 impl<I, O> Clone for Coalescer<I, O> {
@@ -85,15 +118,22 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Coalescer<I, O> {
         Self { tx, pool: pool.clone(), run, counts }
     }
 
-    /// `(calls, statements)` so far: how well calls are being coalesced.
-    pub(super) fn counts(&self) -> (u64, u64) {
-        (self.counts.calls.load(Ordering::Relaxed), self.counts.batches.load(Ordering::Relaxed))
+    /// Calls and statements so far: how well calls are being coalesced, and what they waited.
+    pub(super) fn stats(&self, kind: &'static str) -> CoalescedStats {
+        let micros = |n: &AtomicU64| std::time::Duration::from_micros(n.load(Ordering::Relaxed));
+        CoalescedStats {
+            kind,
+            calls: self.counts.calls.load(Ordering::Relaxed),
+            statements: self.counts.batches.load(Ordering::Relaxed),
+            waited: micros(&self.counts.waited_us),
+            ran: micros(&self.counts.ran_us),
+        }
     }
 
     /// Runs `input` in the next batch and returns its own output.
     pub(super) async fn call(&self, input: I) -> Result<O> {
         let (reply, answer) = oneshot::channel();
-        match self.tx.send(Call { input, reply }).await {
+        match self.tx.send(Call { made: std::time::Instant::now(), input, reply }).await {
             Ok(()) => answer.await.unwrap_or_else(|_| Err(gone())),
             // The dispatcher's runtime is gone (a test or tool that outlived it): run it alone.
             Err(mpsc::error::SendError(call)) => single(&self.pool, &self.run, call.input).await,
@@ -140,9 +180,13 @@ async fn dispatch<I: Clone + Send + 'static, O: Send + 'static>(
                 continue;
             }
         };
-        let (pool, run) = (lanes.pool.clone(), run.clone());
+        let (pool, run, counts) = (lanes.pool.clone(), run.clone(), counts.clone());
         tokio::spawn(async move {
+            let sent = std::time::Instant::now();
+            let waited: u128 = calls.iter().map(|c| sent.duration_since(c.made).as_micros()).sum();
+            counts.waited_us.fetch_add(waited as u64, Ordering::Relaxed);
             run_batch(&pool, &run, connection, calls).await;
+            counts.ran_us.fetch_add(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
             drop(lane);
         });
     }

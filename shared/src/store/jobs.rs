@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::coalesce::CoalescedStats;
 use super::{AuditEntryInput, Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
 use crate::domain::ConnectionId;
 use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob};
@@ -181,11 +182,12 @@ impl Store {
         dispatch!(self, s => s.requeue_job(id, run_at, true).await)
     }
 
-    /// How many calls of each coalesced statement were made, and in how many statements they
-    /// ran (PostgreSQL only; see `store::coalesce`): for benchmarks and tests.
-    pub fn coalesced_statements(&self) -> Vec<(&'static str, u64, u64)> {
+    /// How many calls of each coalesced statement were made, in how many statements they ran,
+    /// and where their time went (PostgreSQL only; see `store::coalesce`): for benchmarks and
+    /// tests.
+    pub fn coalesced_statements(&self) -> Vec<CoalescedStats> {
         match &self.inner {
-            Inner::Postgres(s) => s.batches.counts().into_iter().map(|(kind, (calls, runs))| (kind, calls, runs)).collect(),
+            Inner::Postgres(s) => s.batches.stats().to_vec(),
             Inner::Sqlite(_) => Vec::new(),
         }
     }

@@ -11,7 +11,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use super::coalesce::{BatchFn, Coalescer, in_order};
+use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
 use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
@@ -369,14 +369,14 @@ pub(super) struct PgBatches {
 const MAX_BATCH: usize = 128;
 
 impl PgBatches {
-    /// `(calls, statements)` per kind of batched statement, since start.
-    pub(super) fn counts(&self) -> [(&'static str, (u64, u64)); 5] {
+    /// Calls and statements per kind of batched statement, since start.
+    pub(super) fn stats(&self) -> [CoalescedStats; 5] {
         [
-            ("enqueue", self.enqueue.counts()),
-            ("get_job", self.get_job.counts()),
-            ("claim", self.claim.counts()),
-            ("finish", self.finish.counts()),
-            ("record_check", self.record_check.counts()),
+            self.enqueue.stats("enqueue"),
+            self.get_job.stats("get_job"),
+            self.claim.stats("claim"),
+            self.finish.stats("finish"),
+            self.record_check.stats("record_check"),
         ]
     }
 

@@ -377,6 +377,7 @@ mod nodelay;
 mod sweeps;
 mod wakeups;
 
+pub use coalesce::CoalescedStats;
 pub use jobs::{QueueStats, REVOKED_REASON};
 pub use sweeps::{SweepTarget, sweep_job_key};
 
