@@ -231,7 +231,11 @@ async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
     if role != Role::Api {
         let metrics_listener = if role == Role::Worker {
             let address = std::net::SocketAddr::new(config.http.host, config.metrics.worker_port);
-            Some(TcpListener::bind(address).await.with_context(|| format!("could not listen on {address} (WORKER_METRICS_PORT)"))?)
+            Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("could not listen on {address} (WORKER_METRICS_PORT)"))?,
+            )
         } else {
             None
         };

@@ -136,7 +136,13 @@ where
     all
 }
 
-async fn drive(addr: std::net::SocketAddr, clients: usize, duration: Duration, pool: u32, store: &Store) -> anyhow::Result<()> {
+async fn drive(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    duration: Duration,
+    pool: u32,
+    store: &Store,
+) -> anyhow::Result<()> {
     let base = format!("http://{addr}");
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let tokens: Arc<Vec<String>> = Arc::new((0..clients).map(|_| token(uuid::Uuid::new_v4())).collect());

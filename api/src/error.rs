@@ -210,9 +210,9 @@ fn is_unavailable(err: &sqlx::Error) -> bool {
         // The server ended the session because it is going away or not there yet (a restart or
         // failover mid-request): PostgreSQL's "connection exception" class 08 and
         // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now.
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03"))
+        }
         _ => false,
     }
 }

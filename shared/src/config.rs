@@ -82,8 +82,7 @@ where
 
 fn parse_url(src: &dyn Source, variable: &'static str, default: &str) -> Result<Url, ConfigError> {
     let raw = src.get(variable).unwrap_or_else(|| default.to_string());
-    let url = Url::parse(raw.trim())
-        .map_err(|e| ConfigError::new(variable, format!("not a valid URL ({e})")))?;
+    let url = Url::parse(raw.trim()).map_err(|e| ConfigError::new(variable, format!("not a valid URL ({e})")))?;
     match url.scheme() {
         "http" | "https" => Ok(url),
         other => Err(ConfigError::new(variable, format!("expected an http(s) URL, got scheme {other:?}"))),
@@ -151,10 +150,7 @@ impl DatabaseConfig {
         let url = url.trim().to_string();
         let scheme = url.split(':').next().unwrap_or_default().to_ascii_lowercase();
         if !matches!(scheme.as_str(), "sqlite" | "postgres" | "postgresql") {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "expected sqlite://PATH or postgres://USER@HOST/DB",
-            ));
+            return Err(ConfigError::new("DATABASE_URL", "expected sqlite://PATH or postgres://USER@HOST/DB"));
         }
         Ok(Self {
             url: SecretString::from(url),
@@ -262,7 +258,10 @@ impl HttpConfig {
             Some(raw) => comma_list(&raw)
                 .map(|origin| {
                     let url = Url::parse(origin).map_err(|_| {
-                        ConfigError::new("CORS_ORIGINS", format!("{origin:?} is not an origin like https://example.com"))
+                        ConfigError::new(
+                            "CORS_ORIGINS",
+                            format!("{origin:?} is not an origin like https://example.com"),
+                        )
                     })?;
                     if url.path() != "/" || url.query().is_some() || origin.ends_with('/') {
                         return Err(ConfigError::new(
@@ -355,8 +354,7 @@ impl EgressConfig {
             None => Vec::new(),
             Some(raw) => comma_list(&raw)
                 .map(|ip| {
-                    ip.parse()
-                        .map_err(|_| ConfigError::new("EGRESS_IPS", format!("{ip:?} is not an IP address")))
+                    ip.parse().map_err(|_| ConfigError::new("EGRESS_IPS", format!("{ip:?} is not an IP address")))
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -692,8 +690,8 @@ mod tests {
 
     #[test]
     fn database_url_password_is_redacted_in_debug() {
-        let c = config(&[("DATABASE_URL", "postgres://u:hunter2@db/x"), ("SUPABASE_JWT_SECRET", "s3cret-jwt")])
-            .unwrap();
+        let c =
+            config(&[("DATABASE_URL", "postgres://u:hunter2@db/x"), ("SUPABASE_JWT_SECRET", "s3cret-jwt")]).unwrap();
         let debug = format!("{c:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(!debug.contains("s3cret-jwt"), "{debug}");

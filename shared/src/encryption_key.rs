@@ -69,11 +69,12 @@ pub fn load_keyring(
 }
 
 fn read_key_file(path: &Path) -> Result<Keyring, KeyLoadError> {
-    let contents = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| KeyLoadError::KeyFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?);
-    Keyring::parse(contents.trim()).map_err(|e| KeyLoadError::KeyFile { path: path.to_path_buf(), reason: e.to_string() })
+    let contents = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| KeyLoadError::KeyFile { path: path.to_path_buf(), reason: e.to_string() })?,
+    );
+    Keyring::parse(contents.trim())
+        .map_err(|e| KeyLoadError::KeyFile { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 fn generate_key_file(path: &Path) -> Result<(Keyring, KeySource), KeyLoadError> {

@@ -167,7 +167,12 @@ pub enum JobPayload {
     Verify { connection_id: ConnectionId, credentials_version: i32 },
     /// Check `credentials`; if they pass, swap them in unless the connection's credentials moved
     /// past `expected_version` meanwhile.
-    Rotate { connection_id: ConnectionId, expected_version: i32, credentials: EncryptedCredentials, api_key_hint: String },
+    Rotate {
+        connection_id: ConnectionId,
+        expected_version: i32,
+        credentials: EncryptedCredentials,
+        api_key_hint: String,
+    },
     /// Scheduled re-check of a stored connection.
     HealthCheck { connection_id: ConnectionId },
     /// Exchange a Kite `request_token` (a Fernet token here) for an access token.

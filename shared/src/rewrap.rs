@@ -54,7 +54,10 @@ fn rewrap_token(keyring: &Keyring, token: &str) -> Result<Option<String>, VaultE
 }
 
 /// The row's new ciphertexts, or `None` when everything is already on the primary key.
-fn rewrap_row(keyring: &Keyring, row: &StoredSecrets) -> Result<Option<(EncryptedCredentials, Option<String>)>, VaultError> {
+fn rewrap_row(
+    keyring: &Keyring,
+    row: &StoredSecrets,
+) -> Result<Option<(EncryptedCredentials, Option<String>)>, VaultError> {
     let api_key = rewrap_token(keyring, &row.credentials.api_key)?;
     let api_secret = rewrap_token(keyring, &row.credentials.api_secret)?;
     let passphrase = row.credentials.passphrase.as_deref().map(|t| rewrap_token(keyring, t)).transpose()?.flatten();

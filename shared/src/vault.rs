@@ -176,11 +176,7 @@ impl fmt::Debug for EncryptedSecret {
         // which is enough to recognise one in a log line. Count chars, not bytes, so that a
         // non-ASCII value read from a corrupted row cannot make the slicing panic.
         let prefix: String = self.0.chars().take(6).collect();
-        write!(
-            f,
-            "EncryptedSecret({prefix}…, {} chars)",
-            self.0.chars().count()
-        )
+        write!(f, "EncryptedSecret({prefix}…, {} chars)", self.0.chars().count())
     }
 }
 
@@ -301,10 +297,7 @@ impl Keyring {
                 err.into_bytes().zeroize();
                 VaultError::NotUtf8
             })?;
-            return Ok(Decrypted {
-                value: SecretValue::new(value),
-                key_index,
-            });
+            return Ok(Decrypted { value: SecretValue::new(value), key_index });
         }
         Err(VaultError::Undecryptable)
     }
@@ -322,11 +315,7 @@ impl Keyring {
     /// twice changes nothing the second time; `Ok(Some(new_token))` if the row should be updated.
     pub fn rewrap(&self, token: &EncryptedSecret) -> Result<Option<EncryptedSecret>, VaultError> {
         let decrypted = self.decrypt(token)?;
-        if decrypted.key_index == 0 {
-            Ok(None)
-        } else {
-            Ok(Some(self.encrypt(&decrypted.value)))
-        }
+        if decrypted.key_index == 0 { Ok(None) } else { Ok(Some(self.encrypt(&decrypted.value))) }
     }
 
     fn primary(&self) -> &Fernet {
@@ -346,8 +335,6 @@ impl FromStr for Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring")
-            .field("keys", &self.keys.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Keyring").field("keys", &self.keys.len()).finish_non_exhaustive()
     }
 }

@@ -51,10 +51,7 @@ fn round_trip_returns_plaintext_on_primary_key() {
     let keyring = ring(&[&Keyring::generate_key()]);
     for plaintext in sample_plaintexts() {
         let token = keyring.encrypt(&secret(&plaintext));
-        assert!(
-            token.as_str().starts_with("gAAAAA"),
-            "not a Fernet token: {token:?}"
-        );
+        assert!(token.as_str().starts_with("gAAAAA"), "not a Fernet token: {token:?}");
         assert!(!token.as_str().contains(&plaintext) || plaintext.is_empty());
         let decrypted = keyring.decrypt(&token).expect("decrypts");
         assert_eq!(decrypted.value.expose(), plaintext);
@@ -79,9 +76,7 @@ fn generate_key_gives_distinct_python_style_keys() {
         // Same form as Python's Fernet.generate_key(): 44 chars of padded URL-safe base64.
         assert_eq!(key.len(), 44);
         assert!(key.ends_with('='));
-        let raw = base64::engine::general_purpose::URL_SAFE
-            .decode(key)
-            .unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE.decode(key).unwrap();
         assert_eq!(raw.len(), 32);
         assert_eq!(Keyring::parse(key).unwrap().len(), 1);
     }
@@ -116,10 +111,7 @@ fn encrypt_always_uses_the_primary_key() {
         let token = rotated.encrypt(&secret(&plaintext));
         assert_eq!(rotated.decrypt(&token).unwrap().key_index, 0);
         assert_eq!(only_new.decrypt(&token).unwrap().value.expose(), plaintext);
-        assert_eq!(
-            only_old.decrypt(&token).unwrap_err(),
-            VaultError::Undecryptable
-        );
+        assert_eq!(only_old.decrypt(&token).unwrap_err(), VaultError::Undecryptable);
     }
 }
 
@@ -136,14 +128,9 @@ fn rewrap_moves_old_tokens_to_primary_and_is_idempotent() {
     // A token on the old key gets a new token under the primary key...
     let stale = ring(&[&old]).encrypt(&secret("stale"));
     assert!(rotated.needs_rewrap(&stale).unwrap());
-    let rewrapped = rotated
-        .rewrap(&stale)
-        .unwrap()
-        .expect("old token must be rewrapped");
+    let rewrapped = rotated.rewrap(&stale).unwrap().expect("old token must be rewrapped");
     assert_ne!(rewrapped, stale);
-    let decrypted = ring(&[&new])
-        .decrypt(&rewrapped)
-        .expect("rewrapped token is on the new key");
+    let decrypted = ring(&[&new]).decrypt(&rewrapped).expect("rewrapped token is on the new key");
     assert_eq!(decrypted.value.expose(), "stale");
 
     // ...and rewrapping that again is a no-op.
@@ -158,14 +145,8 @@ fn rewrap_moves_old_tokens_to_primary_and_is_idempotent() {
 fn rewrap_and_needs_rewrap_report_undecryptable_tokens() {
     let keyring = ring(&[&Keyring::generate_key()]);
     let foreign = ring(&[&Keyring::generate_key()]).encrypt(&secret("x"));
-    assert_eq!(
-        keyring.rewrap(&foreign).unwrap_err(),
-        VaultError::Undecryptable
-    );
-    assert_eq!(
-        keyring.needs_rewrap(&foreign).unwrap_err(),
-        VaultError::Undecryptable
-    );
+    assert_eq!(keyring.rewrap(&foreign).unwrap_err(), VaultError::Undecryptable);
+    assert_eq!(keyring.needs_rewrap(&foreign).unwrap_err(), VaultError::Undecryptable);
 }
 
 // -------------------------------------------------------------------------------------------
@@ -204,9 +185,7 @@ fn wrong_key_truncated_and_garbage_tokens_are_undecryptable() {
         "ключ 🔑".to_owned(),
     ];
     for token in cases {
-        let err = keyring
-            .decrypt(&EncryptedSecret::from(token.clone()))
-            .unwrap_err();
+        let err = keyring.decrypt(&EncryptedSecret::from(token.clone())).unwrap_err();
         assert_eq!(err, VaultError::Undecryptable, "token {token:?}");
         if !token.is_empty() {
             assert!(!err.to_string().contains(&token));
@@ -218,12 +197,8 @@ fn wrong_key_truncated_and_garbage_tokens_are_undecryptable() {
 fn non_utf8_plaintext_is_reported_as_not_utf8() {
     let key = Keyring::generate_key();
     // Only something other than this service could write this; build it with the raw crate.
-    let token = fernet::Fernet::new(&key)
-        .unwrap()
-        .encrypt(&[0xff, 0xfe, 0x00, 0x80]);
-    let err = ring(&[&key])
-        .decrypt(&EncryptedSecret::from(token))
-        .unwrap_err();
+    let token = fernet::Fernet::new(&key).unwrap().encrypt(&[0xff, 0xfe, 0x00, 0x80]);
+    let err = ring(&[&key]).decrypt(&EncryptedSecret::from(token)).unwrap_err();
     assert_eq!(err, VaultError::NotUtf8);
 }
 
@@ -263,89 +238,20 @@ fn malformed_key_strings_give_the_right_error_without_echoing_input() {
     let cases: Vec<(String, VaultError)> = vec![
         (String::new(), VaultError::NoKeys),
         ("  \n ".to_owned(), VaultError::NoKeys),
-        (
-            too_short.clone(),
-            VaultError::InvalidKey {
-                position: 1,
-                total: 1,
-            },
-        ),
-        (
-            too_long.clone(),
-            VaultError::InvalidKey {
-                position: 1,
-                total: 1,
-            },
-        ),
-        (
-            standard_alphabet.clone(),
-            VaultError::InvalidKey {
-                position: 1,
-                total: 1,
-            },
-        ),
-        (
-            "%%%%not*base64%%%%".to_owned(),
-            VaultError::InvalidKey {
-                position: 1,
-                total: 1,
-            },
-        ),
-        (
-            "correct horse battery staple".to_owned(),
-            VaultError::InvalidKey {
-                position: 1,
-                total: 1,
-            },
-        ),
-        (
-            format!("{k1},{too_short},{k2}"),
-            VaultError::InvalidKey {
-                position: 2,
-                total: 3,
-            },
-        ),
-        (
-            format!("{k1},,{k2}"),
-            VaultError::EmptyEntry {
-                position: 2,
-                total: 3,
-            },
-        ),
-        (
-            format!("{k1},"),
-            VaultError::EmptyEntry {
-                position: 2,
-                total: 2,
-            },
-        ),
-        (
-            format!(",{k1}"),
-            VaultError::EmptyEntry {
-                position: 1,
-                total: 2,
-            },
-        ),
-        (
-            format!("{k1}, ,{k2}"),
-            VaultError::EmptyEntry {
-                position: 2,
-                total: 3,
-            },
-        ),
-        (
-            format!("{k1},{k1}"),
-            VaultError::DuplicateKey { position: 2 },
-        ),
-        (
-            format!("{k1},{k2},{k1}"),
-            VaultError::DuplicateKey { position: 3 },
-        ),
+        (too_short.clone(), VaultError::InvalidKey { position: 1, total: 1 }),
+        (too_long.clone(), VaultError::InvalidKey { position: 1, total: 1 }),
+        (standard_alphabet.clone(), VaultError::InvalidKey { position: 1, total: 1 }),
+        ("%%%%not*base64%%%%".to_owned(), VaultError::InvalidKey { position: 1, total: 1 }),
+        ("correct horse battery staple".to_owned(), VaultError::InvalidKey { position: 1, total: 1 }),
+        (format!("{k1},{too_short},{k2}"), VaultError::InvalidKey { position: 2, total: 3 }),
+        (format!("{k1},,{k2}"), VaultError::EmptyEntry { position: 2, total: 3 }),
+        (format!("{k1},"), VaultError::EmptyEntry { position: 2, total: 2 }),
+        (format!(",{k1}"), VaultError::EmptyEntry { position: 1, total: 2 }),
+        (format!("{k1}, ,{k2}"), VaultError::EmptyEntry { position: 2, total: 3 }),
+        (format!("{k1},{k1}"), VaultError::DuplicateKey { position: 2 }),
+        (format!("{k1},{k2},{k1}"), VaultError::DuplicateKey { position: 3 }),
         // Padded and unpadded spellings of the same key are the same key.
-        (
-            format!("{k1},{}", k1.trim_end_matches('=')),
-            VaultError::DuplicateKey { position: 2 },
-        ),
+        (format!("{k1},{}", k1.trim_end_matches('=')), VaultError::DuplicateKey { position: 2 }),
     ];
 
     for (input, expected) in cases {
@@ -357,10 +263,7 @@ fn malformed_key_strings_give_the_right_error_without_echoing_input() {
             assert!(!debug.contains(entry), "error {debug:?} echoes input");
             // Not even a recognisable chunk of a key.
             if entry.len() >= 12 {
-                assert!(
-                    !display.contains(&entry[..12]),
-                    "error {display:?} echoes input"
-                );
+                assert!(!display.contains(&entry[..12]), "error {display:?} echoes input");
             }
         }
     }
@@ -369,31 +272,12 @@ fn malformed_key_strings_give_the_right_error_without_echoing_input() {
 #[test]
 fn key_error_messages_are_actionable() {
     assert_eq!(
-        VaultError::InvalidKey {
-            position: 2,
-            total: 3
-        }
-        .to_string(),
+        VaultError::InvalidKey { position: 2, total: 3 }.to_string(),
         "ENCRYPTION_KEY entry 2 of 3 is not a valid Fernet key (expected 32 bytes of URL-safe base64)"
     );
-    assert!(
-        VaultError::NoKeys
-            .to_string()
-            .contains("ENCRYPTION_KEY is empty")
-    );
-    assert!(
-        VaultError::EmptyEntry {
-            position: 2,
-            total: 3
-        }
-        .to_string()
-        .contains("entry 2 of 3 is empty")
-    );
-    assert!(
-        VaultError::DuplicateKey { position: 3 }
-            .to_string()
-            .contains("entry 3")
-    );
+    assert!(VaultError::NoKeys.to_string().contains("ENCRYPTION_KEY is empty"));
+    assert!(VaultError::EmptyEntry { position: 2, total: 3 }.to_string().contains("entry 2 of 3 is empty"));
+    assert!(VaultError::DuplicateKey { position: 3 }.to_string().contains("entry 3"));
 }
 
 // -------------------------------------------------------------------------------------------
@@ -412,12 +296,7 @@ fn secret_value_debug_is_redacted() {
     struct Credentials {
         api_key: SecretValue,
     }
-    let nested = format!(
-        "{:?}",
-        Credentials {
-            api_key: value.clone()
-        }
-    );
+    let nested = format!("{:?}", Credentials { api_key: value.clone() });
     assert!(!nested.contains("supersecret"), "{nested}");
 
     let keyring = ring(&[&Keyring::generate_key()]);
@@ -444,15 +323,9 @@ fn encrypted_secret_debug_is_short() {
     let keyring = ring(&[&Keyring::generate_key()]);
     let token = keyring.encrypt(&secret(&"x".repeat(200)));
     let debug = format!("{token:?}");
-    assert_eq!(
-        debug,
-        format!("EncryptedSecret(gAAAAA…, {} chars)", token.as_str().len())
-    );
+    assert_eq!(debug, format!("EncryptedSecret(gAAAAA…, {} chars)", token.as_str().len()));
     // Does not panic on odd (non-ASCII, short) values read from a corrupted row.
-    assert_eq!(
-        format!("{:?}", EncryptedSecret::from("ключ".to_owned())),
-        "EncryptedSecret(ключ…, 4 chars)"
-    );
+    assert_eq!(format!("{:?}", EncryptedSecret::from("ключ".to_owned())), "EncryptedSecret(ключ…, 4 chars)");
 }
 
 /// Compile-time check that a type does NOT implement a trait (the `static_assertions`
@@ -547,31 +420,22 @@ fn load<T: for<'de> Deserialize<'de>>(json: &str) -> Vec<T> {
 fn spec_generate_vectors() {
     for v in load::<GenerateVector>(include_str!("fixtures/fernet/generate.json")) {
         let now = unix_time(&v.now);
-        let raw = base64::engine::general_purpose::URL_SAFE
-            .decode(&v.token)
-            .unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE.decode(&v.token).unwrap();
         assert_eq!(raw[0], 0x80, "version byte");
         assert_eq!(&raw[1..9], &now.to_be_bytes(), "timestamp");
         assert_eq!(&raw[9..25], v.iv.as_slice(), "IV");
 
         let keyring = ring(&[&v.secret]);
-        let decrypted = keyring
-            .decrypt(&EncryptedSecret::from(v.token.clone()))
-            .unwrap();
+        let decrypted = keyring.decrypt(&EncryptedSecret::from(v.token.clone())).unwrap();
         assert_eq!(decrypted.value.expose(), v.src);
         assert_eq!(decrypted.key_index, 0);
 
         let f = fernet::Fernet::new(&v.secret).unwrap();
         let ours = f.encrypt_at_time(v.src.as_bytes(), now);
         assert_eq!(ours.len(), v.token.len());
-        let ours_raw = base64::engine::general_purpose::URL_SAFE
-            .decode(&ours)
-            .unwrap();
+        let ours_raw = base64::engine::general_purpose::URL_SAFE.decode(&ours).unwrap();
         assert_eq!(&ours_raw[..9], &raw[..9], "version + timestamp");
-        assert_eq!(
-            f.decrypt_at_time(&ours, None, now).unwrap(),
-            v.src.as_bytes()
-        );
+        assert_eq!(f.decrypt_at_time(&ours, None, now).unwrap(), v.src.as_bytes());
     }
 }
 
@@ -580,14 +444,10 @@ fn spec_verify_vectors() {
     for v in load::<VerifyVector>(include_str!("fixtures/fernet/verify.json")) {
         // With the spec's TTL and clock, through the crate the vault is built on...
         let f = fernet::Fernet::new(&v.secret).unwrap();
-        let plain = f
-            .decrypt_at_time(&v.token, Some(v.ttl_sec), unix_time(&v.now))
-            .unwrap();
+        let plain = f.decrypt_at_time(&v.token, Some(v.ttl_sec), unix_time(&v.now)).unwrap();
         assert_eq!(plain, v.src.as_bytes());
         // ...and through the vault itself (no TTL: stored credentials do not expire).
-        let decrypted = ring(&[&v.secret])
-            .decrypt(&EncryptedSecret::from(v.token))
-            .unwrap();
+        let decrypted = ring(&[&v.secret]).decrypt(&EncryptedSecret::from(v.token)).unwrap();
         assert_eq!(decrypted.value.expose(), v.src);
     }
 }
@@ -597,8 +457,7 @@ fn spec_invalid_vectors() {
     for v in load::<InvalidVector>(include_str!("fixtures/fernet/invalid.json")) {
         let f = fernet::Fernet::new(&v.secret).unwrap();
         assert!(
-            f.decrypt_at_time(&v.token, Some(v.ttl_sec), unix_time(&v.now))
-                .is_err(),
+            f.decrypt_at_time(&v.token, Some(v.ttl_sec), unix_time(&v.now)).is_err(),
             "{}: accepted by the fernet crate",
             v.desc
         );
@@ -644,36 +503,25 @@ struct PythonCase {
 
 #[test]
 fn tokens_written_by_python_decrypt() {
-    let fixture: PythonFixture =
-        serde_json::from_str(include_str!("fixtures/fernet/python_tokens.json")).unwrap();
+    let fixture: PythonFixture = serde_json::from_str(include_str!("fixtures/fernet/python_tokens.json")).unwrap();
     // Guard against the fixture being regenerated without its edge cases.
     assert!(fixture.cases.len() >= 5);
     assert!(fixture.cases.iter().any(|c| c.plaintext.is_empty()));
     assert!(fixture.cases.iter().any(|c| !c.plaintext.is_ascii()));
-    assert!(
-        fixture
-            .cases
-            .iter()
-            .any(|c| c.plaintext.lines().count() > 5)
-    );
+    assert!(fixture.cases.iter().any(|c| c.plaintext.lines().count() > 5));
 
     let keyring = ring(&[&fixture.key]);
     let rotated = ring(&[&Keyring::generate_key(), &fixture.key]);
     for case in &fixture.cases {
         let token = EncryptedSecret::from(case.token.clone());
-        let decrypted = keyring
-            .decrypt(&token)
-            .unwrap_or_else(|e| panic!("{token:?}: {e}"));
+        let decrypted = keyring.decrypt(&token).unwrap_or_else(|e| panic!("{token:?}: {e}"));
         assert_eq!(decrypted.value.expose(), case.plaintext);
         assert_eq!(decrypted.key_index, 0);
 
         // Python rows are found and migrated by a rotation like any other.
         assert_eq!(rotated.decrypt(&token).unwrap().key_index, 1);
         let rewrapped = rotated.rewrap(&token).unwrap().expect("needs rewrap");
-        assert_eq!(
-            rotated.decrypt(&rewrapped).unwrap().value.expose(),
-            case.plaintext
-        );
+        assert_eq!(rotated.decrypt(&rewrapped).unwrap().value.expose(), case.plaintext);
     }
 }
 
@@ -706,10 +554,7 @@ fn tokens_written_here_decrypt_in_python() {
     let key = Keyring::generate_key();
     let keyring = ring(&[&key, &Keyring::generate_key()]);
     let plaintexts = sample_plaintexts();
-    let tokens: Vec<String> = plaintexts
-        .iter()
-        .map(|p| keyring.encrypt(&secret(p)).into_inner())
-        .collect();
+    let tokens: Vec<String> = plaintexts.iter().map(|p| keyring.encrypt(&secret(p)).into_inner()).collect();
     let request = serde_json::json!({ "key": key, "tokens": tokens });
 
     let mut child = Command::new(&python)
@@ -719,19 +564,9 @@ fn tokens_written_here_decrypt_in_python() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "python failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "python failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
     let decrypted: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(decrypted, plaintexts);
 }

@@ -131,8 +131,8 @@ pub async fn apply(
                 response.get_or_insert_with(|| (status, "upstream failure").into_response());
             }
             Fault::RateLimit { retry_after, .. } => {
-                let mut r = (StatusCode::TOO_MANY_REQUESTS, "{\"code\":-1003,\"msg\":\"Too many requests.\"}")
-                    .into_response();
+                let mut r =
+                    (StatusCode::TOO_MANY_REQUESTS, "{\"code\":-1003,\"msg\":\"Too many requests.\"}").into_response();
                 r.headers_mut().insert("retry-after", HeaderValue::from(retry_after.as_secs().max(1)));
                 response.get_or_insert(r);
             }

@@ -52,7 +52,9 @@ async fn create_database() -> anyhow::Result<(String, String)> {
 
 async fn drop_database(name: &str) {
     if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut admin).await;
+        let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute(&mut admin)
+            .await;
     }
 }
 
@@ -144,8 +146,11 @@ async fn run_test_jobs_until(
     for chunk in jobs.chunks(500) {
         store.enqueue_jobs(chunk).await?;
     }
-    let settings =
-        RuntimeSettings { concurrency: concurrency(), poll_interval: Duration::from_millis(50), ..RuntimeSettings::default() };
+    let settings = RuntimeSettings {
+        concurrency: concurrency(),
+        poll_interval: Duration::from_millis(50),
+        ..RuntimeSettings::default()
+    };
     let started = Instant::now();
     let watch = store.clone();
     runtime::run_queue(env, None, settings, async move {

@@ -53,11 +53,8 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 /// taken, the last metrics are published.
 pub async fn run(ctx: WorkerContext, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let WorkerContext { store, keyring, config, registry, metrics_listener } = ctx;
-    let schedule: SweepSchedule = config
-        .scheduler
-        .sweep_interval
-        .parse()
-        .map_err(|e| anyhow::anyhow!("HEALTH_SWEEP_INTERVAL: {e}"))?;
+    let schedule: SweepSchedule =
+        config.scheduler.sweep_interval.parse().map_err(|e| anyhow::anyhow!("HEALTH_SWEEP_INTERVAL: {e}"))?;
     let metrics = WorkerMetrics::register(&registry).context("could not register the worker metrics")?;
     let env = Arc::new(
         JobEnv::from_config(store.clone(), keyring, &config.exchanges, &config.worker)?.with_metrics(metrics.clone()),
@@ -77,9 +74,7 @@ pub async fn run(ctx: WorkerContext, shutdown: impl Future<Output = ()> + Send +
         completion_poll: Duration::from_secs(5),
     };
     let observer: Arc<dyn SweepObserver> = Arc::new(metrics.clone());
-    tasks.spawn(
-        scheduler::run_scheduler(store.clone(), scheduler_settings, observer, owner, shutdown.clone()).map(Ok),
-    );
+    tasks.spawn(scheduler::run_scheduler(store.clone(), scheduler_settings, observer, owner, shutdown.clone()).map(Ok));
     tasks.spawn(collect(store.clone(), metrics.clone(), shutdown.clone()).map(Ok));
     tasks.spawn(cloudwatch::run_publisher(config.metrics.clone(), metrics, shutdown.clone()).map(Ok));
     if let Some(listener) = metrics_listener {

@@ -401,15 +401,14 @@ impl RateGate for RateLimits {
                 // limit, stop short of it by what may still be in flight, so none of it meets a
                 // 429; against a smaller budget of ours, stop only when the minute's budget is
                 // spent (a margin there would only waste what the operator allowed).
-                let heaviest = self
-                    .budgets
-                    .get(&(key.exchange, key.bucket))
-                    .map_or(1, |b| b.heaviest.load(Ordering::Relaxed));
+                let heaviest =
+                    self.budgets.get(&(key.exchange, key.bucket)).map_or(1, |b| b.heaviest.load(Ordering::Relaxed));
                 let spent = match configured {
                     Some(ours) if self.config.enabled && ours < limit_per_minute => used >= ours,
                     _ => u64::from(used) + slow_down_reserve(limit_per_minute, heaviest) > u64::from(limit_per_minute),
                 };
-                let limit = configured.filter(|_| self.config.enabled).map_or(limit_per_minute, |o| o.min(limit_per_minute));
+                let limit =
+                    configured.filter(|_| self.config.enabled).map_or(limit_per_minute, |o| o.min(limit_per_minute));
                 if spent {
                     let wait = until_next_minute();
                     tracing::info!(exchange = %key.exchange, bucket = key.bucket, used, limit, wait_ms = wait.as_millis() as u64, "weight nearly used up; pausing until the next minute");

@@ -92,9 +92,7 @@ impl SweepSchedule {
             SweepSchedule::Every(interval) => {
                 self.current_slot(now) + chrono::Duration::from_std(*interval).unwrap_or(chrono::Duration::minutes(5))
             }
-            SweepSchedule::Cron(schedule) => {
-                schedule.after(&now).next().unwrap_or(now + chrono::Duration::minutes(5))
-            }
+            SweepSchedule::Cron(schedule) => schedule.after(&now).next().unwrap_or(now + chrono::Duration::minutes(5)),
         }
     }
 
@@ -262,7 +260,8 @@ pub async fn sweep(
                     .map(|p| offset(p, (*i).min(p.checks.saturating_sub(1))))
                     .unwrap_or_default();
                 *i += 1;
-                let mut job = NewJob::new(target.user_id, target.exchange, JobPayload::HealthCheck { connection_id: target.id });
+                let mut job =
+                    NewJob::new(target.user_id, target.exchange, JobPayload::HealthCheck { connection_id: target.id });
                 job.idempotency_key = Some(sweep_job_key(slot, target.id));
                 job.run_at = Some(start + chrono::Duration::from_std(at).unwrap_or_default());
                 job
@@ -364,7 +363,10 @@ mod tests {
         // Offsets stay in order and inside the spread, one step apart on average.
         let offsets: Vec<_> = (0..10).map(|i| offset(&kraken, i)).collect();
         for (i, o) in offsets.iter().enumerate() {
-            assert!(*o >= Duration::from_secs(24 * i as u64) && *o < Duration::from_secs(24 * (i as u64 + 1)), "{i}: {o:?}");
+            assert!(
+                *o >= Duration::from_secs(24 * i as u64) && *o < Duration::from_secs(24 * (i as u64 + 1)),
+                "{i}: {o:?}"
+            );
         }
     }
 

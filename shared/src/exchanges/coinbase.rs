@@ -569,7 +569,11 @@ fn endpoint(base: &Url, path: &str) -> Url {
 }
 
 fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::unsent("Requests to Coinbase with this key are paused after a rate limit; nothing was sent.", wait, started.elapsed())
+    CheckResult::unsent(
+        "Requests to Coinbase with this key are paused after a rate limit; nothing was sent.",
+        wait,
+        started.elapsed(),
+    )
 }
 
 fn unavailable(status: reqwest::StatusCode, started: Instant) -> CheckResult {

@@ -385,7 +385,11 @@ fn endpoint(base: &Url, path: &str) -> Url {
 }
 
 fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::unsent("Requests to Kite with this API key are paused after a rate limit; nothing was sent.", wait, started.elapsed())
+    CheckResult::unsent(
+        "Requests to Kite with this API key are paused after a rate limit; nothing was sent.",
+        wait,
+        started.elapsed(),
+    )
 }
 
 #[cfg(test)]

@@ -113,7 +113,8 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Coalescer<I, O> {
     pub(super) fn start(pool: &PgPool, lanes: usize, max_batch: usize, run: BatchFn<I, O>) -> Self {
         let (tx, rx) = mpsc::channel(BACKLOG);
         let counts = Arc::new(Counts::default());
-        let lanes = Lanes { pool: pool.clone(), free: Arc::new(Semaphore::new(lanes.max(1))), max_batch: max_batch.max(1) };
+        let lanes =
+            Lanes { pool: pool.clone(), free: Arc::new(Semaphore::new(lanes.max(1))), max_batch: max_batch.max(1) };
         tokio::spawn(dispatch(rx, lanes, run.clone(), counts.clone()));
         Self { tx, pool: pool.clone(), run, counts }
     }
@@ -208,7 +209,11 @@ async fn run_batch<I: Clone + Send + 'static, O: Send + 'static>(
         Ok(outputs) => {
             // A batch function must answer every input; if one does not, no caller can be
             // told which answer is theirs.
-            tracing::error!(inputs = calls.len(), outputs = outputs.len(), "batched statement answered the wrong number of rows");
+            tracing::error!(
+                inputs = calls.len(),
+                outputs = outputs.len(),
+                "batched statement answered the wrong number of rows"
+            );
             for call in calls {
                 let _ = call.reply.send(Err(mismatch()));
             }

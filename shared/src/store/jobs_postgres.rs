@@ -94,12 +94,22 @@ async fn insert_batch(
         return Ok(Vec::new());
     }
     let n = items.len();
-    let (mut ids, mut kinds, mut users, mut connections, mut exchanges) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut ids, mut kinds, mut users, mut connections, mut exchanges) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let (mut payloads, mut keys, mut run_ats, mut tickets) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut audit_users, mut actions, mut ips, mut agents, mut details) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut audit_users, mut actions, mut ips, mut agents, mut details) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for (job, audit) in &items {
         ids.push(job.id.to_string());
         kinds.push(job.payload.kind().as_str());

@@ -51,7 +51,12 @@ pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Res
 /// Pushes the apalis ticket inside our transaction. apalis-sqlite keeps its own `push_tasks`
 /// private, so this is the same insert written against its `Jobs` table (the columns of
 /// apalis-sqlite 1.0's migrations; the worker tests fail if a new version changes them).
-async fn push_ticket(conn: &mut SqliteConnection, job_id: JobId, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Result<()> {
+async fn push_ticket(
+    conn: &mut SqliteConnection,
+    job_id: JobId,
+    ticket_id: ulid::Ulid,
+    run_at: DateTime<Utc>,
+) -> Result<()> {
     let args = serde_json::to_vec(&JobTicket { job_id }).map_err(|e| decode_error("ticket", e))?;
     sqlx::query(
         "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata)
@@ -85,7 +90,10 @@ pub(super) async fn cancel_connection_jobs(
     .rows_affected())
 }
 
-pub(super) async fn credentials_version(conn: &mut SqliteConnection, connection_id: ConnectionId) -> Result<Option<i32>> {
+pub(super) async fn credentials_version(
+    conn: &mut SqliteConnection,
+    connection_id: ConnectionId,
+) -> Result<Option<i32>> {
     // The write transaction (`BEGIN IMMEDIATE`) already excludes every other writer.
     Ok(sqlx::query_scalar("SELECT credentials_version FROM exchange_keys WHERE id = ?1 AND is_active = 1")
         .bind(connection_id.0.to_string())
@@ -170,11 +178,9 @@ impl SqliteStore {
 
     pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
         let (status, result, error) = match outcome {
-            JobOutcome::Done(result) => (
-                JobStatus::Done,
-                Some(serde_json::to_string(result).map_err(|e| decode_error("result", e))?),
-                None,
-            ),
+            JobOutcome::Done(result) => {
+                (JobStatus::Done, Some(serde_json::to_string(result).map_err(|e| decode_error("result", e))?), None)
+            }
             JobOutcome::Failed(error) => (JobStatus::Failed, None, Some(error.as_str())),
         };
         let mut tx = begin_write(&self.pool).await?;
@@ -201,12 +207,12 @@ impl SqliteStore {
             "UPDATE tradeeon_jobs SET status = 'queued', run_at = ?2, attempts = attempts - ?3
               WHERE id = ?1 AND status = 'running'",
         )
-            .bind(id.to_string())
-            .bind(ts(run_at))
-            .bind(i64::from(refund_attempt))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        .bind(id.to_string())
+        .bind(ts(run_at))
+        .bind(i64::from(refund_attempt))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if updated == 1 {
             push_ticket(&mut tx, id, ulid::Ulid::generate(), run_at).await?;
         }

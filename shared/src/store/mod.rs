@@ -26,10 +26,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::{
-    ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Features, Permissions,
-    UserId,
-};
+use crate::domain::{ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Features, Permissions, UserId};
 
 pub mod kraken_nonces;
 mod postgres;
@@ -93,10 +90,7 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// A stored value that does not decode into its domain type (a corrupt or foreign row).
-pub(crate) fn decode_error(
-    column: &'static str,
-    err: impl std::error::Error + Send + Sync + 'static,
-) -> StoreError {
+pub(crate) fn decode_error(column: &'static str, err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Database(sqlx::Error::ColumnDecode { index: column.to_owned(), source: Box::new(err) })
 }
 
@@ -213,13 +207,7 @@ pub struct AuditEntryInput {
 impl AuditEntryInput {
     /// An entry with no request metadata and no details.
     pub fn new(action: AuditAction) -> Self {
-        Self {
-            connection_id: None,
-            action,
-            ip_address: None,
-            user_agent: None,
-            details: serde_json::Value::Null,
-        }
+        Self { connection_id: None, action, ip_address: None, user_agent: None, details: serde_json::Value::Null }
     }
 }
 
@@ -494,11 +482,7 @@ impl Store {
 
     /// One of the user's active connections; `None` if unknown, revoked or someone else's.
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id, connection_id = %id), err)]
-    pub async fn get_connection(
-        &self,
-        user: &UserContext,
-        id: ConnectionId,
-    ) -> Result<Option<ConnectionRecord>> {
+    pub async fn get_connection(&self, user: &UserContext, id: ConnectionId) -> Result<Option<ConnectionRecord>> {
         dispatch!(self, s => s.get_connection(user, id).await)
     }
 
@@ -506,12 +490,7 @@ impl Store {
     /// session cleared, and the `audit` row (normally `revoked`) written in the same
     /// transaction. [`StoreError::NotFound`] if unknown, someone else's or already revoked.
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id, connection_id = %id), err(level = "info"))]
-    pub async fn revoke_connection(
-        &self,
-        user: &UserContext,
-        id: ConnectionId,
-        audit: AuditEntryInput,
-    ) -> Result<()> {
+    pub async fn revoke_connection(&self, user: &UserContext, id: ConnectionId, audit: AuditEntryInput) -> Result<()> {
         let mut tx = self.begin_user(user).await?;
         tx.revoke_connection(id, audit).await?;
         tx.commit().await
@@ -520,11 +499,7 @@ impl Store {
     /// Writes one audit row for the user. A `connection_id` that is not the user's →
     /// [`StoreError::NotFound`].
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id, action = %audit.action), err(level = "info"))]
-    pub async fn insert_audit(
-        &self,
-        user: &UserContext,
-        audit: AuditEntryInput,
-    ) -> Result<AuditEntry> {
+    pub async fn insert_audit(&self, user: &UserContext, audit: AuditEntryInput) -> Result<AuditEntry> {
         let mut tx = self.begin_user(user).await?;
         let entry = tx.insert_audit(&audit).await?;
         tx.commit().await?;
@@ -596,11 +571,7 @@ impl Store {
     /// `rotate_failed`, `status_changed` from a worker). [`StoreError::NotFound`] if the
     /// connection does not exist.
     #[tracing::instrument(skip_all, fields(connection_id = %id, action = %audit.action), err)]
-    pub async fn insert_connection_audit(
-        &self,
-        id: ConnectionId,
-        audit: AuditEntryInput,
-    ) -> Result<AuditEntry> {
+    pub async fn insert_connection_audit(&self, id: ConnectionId, audit: AuditEntryInput) -> Result<AuditEntry> {
         dispatch!(self, s => s.insert_connection_audit(id, audit).await)
     }
 
@@ -658,11 +629,7 @@ impl Store {
     /// Rows that still hold encrypted material (active or revoked-but-not-wiped), in id order
     /// after `after`, for re-encryption under a new vault key.
     #[tracing::instrument(skip_all, fields(limit = limit), err)]
-    pub async fn list_encrypted_secrets(
-        &self,
-        after: Option<ConnectionId>,
-        limit: u32,
-    ) -> Result<Vec<StoredSecrets>> {
+    pub async fn list_encrypted_secrets(&self, after: Option<ConnectionId>, limit: u32) -> Result<Vec<StoredSecrets>> {
         dispatch!(self, s => s.list_encrypted_secrets(after, clamp_limit(limit)).await)
     }
 
@@ -755,11 +722,7 @@ impl UserTx {
     }
 
     /// See [`Store::revoke_connection`].
-    pub async fn revoke_connection(
-        &mut self,
-        id: ConnectionId,
-        mut audit: AuditEntryInput,
-    ) -> Result<()> {
+    pub async fn revoke_connection(&mut self, id: ConnectionId, mut audit: AuditEntryInput) -> Result<()> {
         let revoked = match &mut self.tx {
             Tx::Postgres(tx, _) => postgres::revoke_connection(tx, &self.user, id).await?,
             Tx::Sqlite(tx) => sqlite::revoke_connection(tx, &self.user, id).await?,

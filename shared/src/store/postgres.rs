@@ -14,13 +14,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{
-    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
-    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
-    StoredSecrets, UserContext, decode_error, placeholder_email,
-};
 use super::jobs_postgres::PgBatches;
 use super::wakeups::Wakeups;
+use super::{
+    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
+    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError, StoredSecrets, UserContext,
+    decode_error, placeholder_email,
+};
 use crate::domain::{ApiKeyHint, ConnectionId, Permissions, UserId};
 
 /// The columns [`connection_from_row`] reads, for `SELECT` and `RETURNING`.
@@ -51,9 +51,7 @@ fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreEr
 
 impl PgStore {
     pub(super) async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(connect_error)?
-            .application_name("tradeeon");
+        let options = PgConnectOptions::from_str(url).map_err(connect_error)?.application_name("tradeeon");
         // One direct attempt first: a pool that cannot connect only says "timed out", which hides
         // the cause a user needs (refused, authentication failed, no such database).
         let probe = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
@@ -91,34 +89,28 @@ impl PgStore {
     }
 
     pub(super) async fn migrate(&self) -> Result<()> {
-        apalis_postgres::PostgresStorage::setup(&self.pool).await.map_err(|e| {
-            StoreError::Migrate { what: "job queue (apalis)", source: Box::new(e) }
-        })?;
+        apalis_postgres::PostgresStorage::setup(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migrate { what: "job queue (apalis)", source: Box::new(e) })?;
         let mut migrator = sqlx::migrate!("../migrations/postgres");
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })
+        migrator.run(&self.pool).await.map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })
     }
 
     pub(super) async fn ensure_user(&self, user: &UserContext) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         // On Supabase the auth row always exists (the JWT came from it) and auth.users belongs
         // to Supabase: only write it when it is missing, i.e. on plain PostgreSQL.
-        let auth_row_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1)")
-                .bind(user.user_id.0)
-                .fetch_one(&mut *tx)
-                .await?;
-        if !auth_row_exists {
-            sqlx::query(
-                "INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            )
+        let auth_row_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1)")
             .bind(user.user_id.0)
-            .bind(user.email.as_deref())
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        if !auth_row_exists {
+            sqlx::query("INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+                .bind(user.user_id.0)
+                .bind(user.email.as_deref())
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query(
             "INSERT INTO public.users (id, email) VALUES ($1, COALESCE($2, $3))
@@ -311,11 +303,7 @@ impl PgStore {
         Ok(updated == 1)
     }
 
-    pub(super) async fn insert_connection_audit(
-        &self,
-        id: ConnectionId,
-        audit: AuditEntryInput,
-    ) -> Result<AuditEntry> {
+    pub(super) async fn insert_connection_audit(&self, id: ConnectionId, audit: AuditEntryInput) -> Result<AuditEntry> {
         let mut conn = self.pool.acquire().await?;
         insert_connection_audit(&mut conn, id, &audit).await
     }
@@ -350,12 +338,11 @@ impl PgStore {
     }
 
     pub(super) async fn load_access_token(&self, id: ConnectionId) -> Result<Option<String>> {
-        let token: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT access_token_encrypted FROM public.exchange_keys WHERE id = $1 AND is_active",
-        )
-        .bind(id.0)
-        .fetch_optional(&self.pool)
-        .await?;
+        let token: Option<Option<String>> =
+            sqlx::query_scalar("SELECT access_token_encrypted FROM public.exchange_keys WHERE id = $1 AND is_active")
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(token.flatten())
     }
 
@@ -381,12 +368,11 @@ impl PgStore {
     }
 
     pub(super) async fn prune_health_history(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let deleted =
-            sqlx::query("DELETE FROM public.connection_health_history WHERE checked_at < $1")
-                .bind(older_than)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let deleted = sqlx::query("DELETE FROM public.connection_health_history WHERE checked_at < $1")
+            .bind(older_than)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(deleted)
     }
 
@@ -460,10 +446,7 @@ impl PgStore {
 /// `authenticated` and `request.jwt.claims` holds the claims Supabase would set, which is what
 /// `auth.uid()` reads. `set_config(.., true)` is `SET LOCAL` (what PostgREST does), so both end
 /// with the transaction and a pooled connection never leaks them into the next use.
-pub(super) async fn begin_user(
-    pool: &PgPool,
-    user: &UserContext,
-) -> Result<Transaction<'static, Postgres>> {
+pub(super) async fn begin_user(pool: &PgPool, user: &UserContext) -> Result<Transaction<'static, Postgres>> {
     let claims = serde_json::json!({
         "sub": user.user_id.0,
         "role": "authenticated",
@@ -526,11 +509,7 @@ pub(super) async fn upsert_connection(
 }
 
 /// Soft-deletes and wipes the user's active connection; `false` if there is none to revoke.
-pub(super) async fn revoke_connection(
-    conn: &mut PgConnection,
-    user: &UserContext,
-    id: ConnectionId,
-) -> Result<bool> {
+pub(super) async fn revoke_connection(conn: &mut PgConnection, user: &UserContext, id: ConnectionId) -> Result<bool> {
     let revoked = sqlx::query(
         "UPDATE public.exchange_keys SET
              is_active = false, api_key_encrypted = '', api_secret_encrypted = '',
@@ -741,9 +720,7 @@ fn audit_from_row(row: &PgRow) -> Result<AuditEntry> {
         id: row.try_get("id")?,
         connection_id: row.try_get::<Option<Uuid>, _>("connection_id")?.map(ConnectionId),
         action: super::parse_column("action", &row.try_get::<String, _>("action")?)?,
-        ip_address: ip
-            .map(|ip| ip.parse().map_err(|e| decode_error("ip_address", e)))
-            .transpose()?,
+        ip_address: ip.map(|ip| ip.parse().map_err(|e| decode_error("ip_address", e))).transpose()?,
         user_agent: row.try_get("user_agent")?,
         details: row.try_get::<Option<Value>, _>("details")?.unwrap_or(Value::Null),
         created_at: row.try_get("created_at")?,

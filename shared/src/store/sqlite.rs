@@ -10,16 +10,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
     AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
-    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError,
-    StoredSecrets, UserContext, decode_error, placeholder_email,
+    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError, StoredSecrets, UserContext,
+    decode_error, placeholder_email,
 };
 use crate::domain::{ApiKeyHint, ConnectionId, UserId};
 
@@ -71,16 +69,11 @@ impl SqliteStore {
         {
             std::fs::create_dir_all(parent).map_err(connect_error)?;
         }
-        let mut pool_options = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10));
+        let mut pool_options =
+            SqlitePoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(Duration::from_secs(10));
         if in_memory {
             // An in-memory database lives as long as one connection to it: keep exactly one.
-            pool_options = pool_options
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None);
+            pool_options = pool_options.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let pool = pool_options.connect_with(options.clone()).await.map_err(connect_error)?;
         Ok(Self { pool, options: Arc::new(options), in_memory })
@@ -293,11 +286,7 @@ impl SqliteStore {
         Ok(true)
     }
 
-    pub(super) async fn insert_connection_audit(
-        &self,
-        id: ConnectionId,
-        audit: AuditEntryInput,
-    ) -> Result<AuditEntry> {
+    pub(super) async fn insert_connection_audit(&self, id: ConnectionId, audit: AuditEntryInput) -> Result<AuditEntry> {
         let mut conn = self.pool.acquire().await?;
         insert_connection_audit(&mut conn, id, &audit).await
     }
@@ -332,12 +321,11 @@ impl SqliteStore {
     }
 
     pub(super) async fn load_access_token(&self, id: ConnectionId) -> Result<Option<String>> {
-        let token: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT access_token_encrypted FROM exchange_keys WHERE id = ?1 AND is_active = 1",
-        )
-        .bind(id.0.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
+        let token: Option<Option<String>> =
+            sqlx::query_scalar("SELECT access_token_encrypted FROM exchange_keys WHERE id = ?1 AND is_active = 1")
+                .bind(id.0.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(token.flatten())
     }
 
@@ -426,10 +414,7 @@ async fn migrate_on(pool: &SqlitePool) -> Result<()> {
         .map_err(|e| StoreError::Migrate { what: "job queue (apalis)", source: Box::new(e) })?;
     let mut migrator = sqlx::migrate!("../migrations/sqlite");
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
-        .run(pool)
-        .await
-        .map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })?;
+    migrator.run(pool).await.map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })?;
     // Undo apalis's `synchronous = OFF` on this connection too: with WAL, NORMAL is durable
     // against application crashes and only risks the last commits on power loss.
     sqlx::query("PRAGMA synchronous = NORMAL").execute(pool).await?;
@@ -502,9 +487,7 @@ pub(super) fn ts(at: DateTime<Utc>) -> String {
 }
 
 pub(super) fn parse_ts(column: &'static str, value: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(value)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| decode_error(column, e))
+    DateTime::parse_from_rfc3339(value).map(|t| t.with_timezone(&Utc)).map_err(|e| decode_error(column, e))
 }
 
 pub(super) fn parse_opt_ts(row: &SqliteRow, column: &'static str) -> Result<Option<DateTime<Utc>>> {
@@ -645,10 +628,7 @@ fn connection_from_row(row: &SqliteRow) -> Result<ConnectionRecord> {
         last_checked_at: parse_opt_ts(row, "last_checked_at")?,
         last_latency_ms: row.try_get("last_latency_ms")?,
         consecutive_failures: row.try_get("consecutive_failures")?,
-        features: super::features_from_json(parse_json(
-            "features",
-            &row.try_get::<String, _>("features")?,
-        )?)?,
+        features: super::features_from_json(parse_json("features", &row.try_get::<String, _>("features")?)?)?,
         permissions: super::permissions_from_json(parse_json(
             "permissions",
             &row.try_get::<String, _>("permissions")?,
@@ -686,10 +666,7 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEntry> {
 
 fn health_from_row(row: &SqliteRow) -> Result<HealthRecord> {
     Ok(HealthRecord {
-        connection_id: ConnectionId(parse_uuid(
-            "connection_id",
-            &row.try_get::<String, _>("connection_id")?,
-        )?),
+        connection_id: ConnectionId(parse_uuid("connection_id", &row.try_get::<String, _>("connection_id")?)?),
         checked_at: parse_ts("checked_at", &row.try_get::<String, _>("checked_at")?)?,
         status: super::parse_column("status", &row.try_get::<String, _>("status")?)?,
         code: row.try_get("code")?,

@@ -36,7 +36,12 @@ impl Store {
 
     /// Records how many checks the sweep enqueued and when its spread ends.
     #[tracing::instrument(skip_all, fields(%slot, enqueued), err)]
-    pub async fn record_sweep_enqueued(&self, slot: DateTime<Utc>, enqueued: i64, spread_until: DateTime<Utc>) -> Result<()> {
+    pub async fn record_sweep_enqueued(
+        &self,
+        slot: DateTime<Utc>,
+        enqueued: i64,
+        spread_until: DateTime<Utc>,
+    ) -> Result<()> {
         dispatch!(self, s => s.record_sweep_enqueued(slot, enqueued, spread_until).await)
     }
 
@@ -67,16 +72,22 @@ impl Store {
 
 impl PgStore {
     async fn claim_sweep(&self, slot: DateTime<Utc>, owner: &str) -> Result<bool> {
-        let claimed = sqlx::query("INSERT INTO public.health_sweeps (slot, owner) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(slot)
-            .bind(owner)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let claimed =
+            sqlx::query("INSERT INTO public.health_sweeps (slot, owner) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(slot)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         Ok(claimed == 1)
     }
 
-    async fn record_sweep_enqueued(&self, slot: DateTime<Utc>, enqueued: i64, spread_until: DateTime<Utc>) -> Result<()> {
+    async fn record_sweep_enqueued(
+        &self,
+        slot: DateTime<Utc>,
+        enqueued: i64,
+        spread_until: DateTime<Utc>,
+    ) -> Result<()> {
         sqlx::query("UPDATE public.health_sweeps SET enqueued = $2, spread_until = $3 WHERE slot = $1")
             .bind(slot)
             .bind(i32::try_from(enqueued).unwrap_or(i32::MAX))
@@ -97,12 +108,13 @@ impl PgStore {
     }
 
     async fn complete_sweep(&self, slot: DateTime<Utc>) -> Result<bool> {
-        let updated =
-            sqlx::query("UPDATE public.health_sweeps SET completed_at = now() WHERE slot = $1 AND completed_at IS NULL")
-                .bind(slot)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let updated = sqlx::query(
+            "UPDATE public.health_sweeps SET completed_at = now() WHERE slot = $1 AND completed_at IS NULL",
+        )
+        .bind(slot)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(updated == 1)
     }
 
@@ -158,7 +170,12 @@ impl SqliteStore {
         Ok(claimed == 1)
     }
 
-    async fn record_sweep_enqueued(&self, slot: DateTime<Utc>, enqueued: i64, spread_until: DateTime<Utc>) -> Result<()> {
+    async fn record_sweep_enqueued(
+        &self,
+        slot: DateTime<Utc>,
+        enqueued: i64,
+        spread_until: DateTime<Utc>,
+    ) -> Result<()> {
         let mut tx = begin_write(&self.pool).await?;
         sqlx::query("UPDATE health_sweeps SET enqueued = ?2, spread_until = ?3 WHERE slot = ?1")
             .bind(ts(slot))
@@ -182,12 +199,13 @@ impl SqliteStore {
 
     async fn complete_sweep(&self, slot: DateTime<Utc>) -> Result<bool> {
         let mut tx = begin_write(&self.pool).await?;
-        let updated = sqlx::query("UPDATE health_sweeps SET completed_at = ?2 WHERE slot = ?1 AND completed_at IS NULL")
-            .bind(ts(slot))
-            .bind(ts(Utc::now()))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let updated =
+            sqlx::query("UPDATE health_sweeps SET completed_at = ?2 WHERE slot = ?1 AND completed_at IS NULL")
+                .bind(ts(slot))
+                .bind(ts(Utc::now()))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         tx.commit().await?;
         Ok(updated == 1)
     }
@@ -214,10 +232,11 @@ impl SqliteStore {
     }
 
     async fn connection_counts(&self) -> Result<Vec<(Exchange, ConnectionStatus, i64)>> {
-        let rows =
-            sqlx::query("SELECT exchange, status, count(*) AS n FROM exchange_keys WHERE is_active = 1 GROUP BY exchange, status")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT exchange, status, count(*) AS n FROM exchange_keys WHERE is_active = 1 GROUP BY exchange, status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok((

@@ -55,9 +55,8 @@ impl Wakeups {
 /// The payload apalis-postgres's trigger would have sent for a ticket: its listener reads
 /// `job_type` (the queue) and `id`, and only tickets already due are announced.
 pub(super) fn wakeup_payload(queue: &str, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Option<String> {
-    (run_at <= Utc::now()).then(|| {
-        serde_json::json!({ "job_type": queue, "id": ticket_id.to_string(), "run_at": run_at }).to_string()
-    })
+    (run_at <= Utc::now())
+        .then(|| serde_json::json!({ "job_type": queue, "id": ticket_id.to_string(), "run_at": run_at }).to_string())
 }
 
 async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {

@@ -10,10 +10,7 @@ use crate::harness::{new_connection, user};
 
 async fn audit_pages_newest_first_with_a_cursor(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
     let actions = [
         AuditAction::Connected,
         AuditAction::Tested,
@@ -40,10 +37,7 @@ async fn audit_pages_newest_first_with_a_cursor(store: Store) {
     let all = store.list_audit(&alice, 100, None).await.unwrap();
     assert_eq!(all.len(), actions.len());
     for pair in all.windows(2) {
-        assert!(
-            (pair[0].created_at, pair[0].id) > (pair[1].created_at, pair[1].id),
-            "strictly newest first"
-        );
+        assert!((pair[0].created_at, pair[0].id) > (pair[1].created_at, pair[1].id), "strictly newest first");
     }
     // Inserted one after another, so also in reverse insertion order (ties are broken by id,
     // which is random, so only check where timestamps differ).
@@ -75,12 +69,12 @@ async fn audit_pages_newest_first_with_a_cursor(store: Store) {
 async fn audit_is_private_to_its_user(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
     store
-        .insert_audit(&alice, AuditEntryInput { connection_id: Some(conn.id), ..AuditEntryInput::new(AuditAction::Tested) })
+        .insert_audit(
+            &alice,
+            AuditEntryInput { connection_id: Some(conn.id), ..AuditEntryInput::new(AuditAction::Tested) },
+        )
         .await
         .unwrap();
     store.insert_audit(&bob, AuditEntryInput::new(AuditAction::Tested)).await.unwrap();
@@ -94,7 +88,10 @@ async fn audit_is_private_to_its_user(store: Store) {
 
     // Bob cannot attach an entry to Alice's connection.
     let err = store
-        .insert_audit(&bob, AuditEntryInput { connection_id: Some(conn.id), ..AuditEntryInput::new(AuditAction::Tested) })
+        .insert_audit(
+            &bob,
+            AuditEntryInput { connection_id: Some(conn.id), ..AuditEntryInput::new(AuditAction::Tested) },
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
@@ -120,8 +117,4 @@ async fn audit_entry_round_trips(store: Store) {
     assert!(store.list_audit(&alice, 0, None).await.unwrap().is_empty());
 }
 
-contract!(
-    audit_pages_newest_first_with_a_cursor,
-    audit_is_private_to_its_user,
-    audit_entry_round_trips,
-);
+contract!(audit_pages_newest_first_with_a_cursor, audit_is_private_to_its_user, audit_entry_round_trips,);

@@ -14,10 +14,7 @@ async fn sqlite_memory_url_works() {
     assert_eq!(store.backend(), Backend::Sqlite);
     store.migrate().await.unwrap();
     let user = harness::user(&store).await;
-    let record = store
-        .upsert_connection(&user, new_connection(Exchange::Kraken, "m"), None)
-        .await
-        .unwrap();
+    let record = store.upsert_connection(&user, new_connection(Exchange::Kraken, "m"), None).await.unwrap();
     assert_eq!(store.list_connections(&user).await.unwrap(), vec![record]);
 }
 
@@ -37,9 +34,7 @@ async fn unsupported_url_names_database_url_and_hides_credentials() {
 
 #[tokio::test]
 async fn unreachable_postgres_is_an_error_with_context() {
-    let err = Store::connect("postgres://postgres:hunter2@127.0.0.1:1/nowhere", 1)
-        .await
-        .unwrap_err();
+    let err = Store::connect("postgres://postgres:hunter2@127.0.0.1:1/nowhere", 1).await.unwrap_err();
     assert!(matches!(err, StoreError::Connect { backend: Backend::Postgres, .. }), "{err:?}");
     let mut chain = err.to_string();
     let mut source = std::error::Error::source(&err);

@@ -13,10 +13,7 @@ use crate::harness::{creds, new_connection, text, user};
 
 async fn upsert_inserts_then_updates_the_same_row(store: Store) {
     let alice = user(&store).await;
-    let first = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "1"), None)
-        .await
-        .unwrap();
+    let first = store.upsert_connection(&alice, new_connection(Exchange::Binance, "1"), None).await.unwrap();
     assert_eq!(first.user_id, alice.user_id);
     assert_eq!(first.exchange, Exchange::Binance);
     assert_eq!(first.status, ConnectionStatus::Pending);
@@ -49,11 +46,7 @@ async fn upsert_inserts_then_updates_the_same_row(store: Store) {
 
     // ...then the user submits new keys for the same exchange: same row, fresh state.
     let second = store
-        .upsert_connection(
-            &alice,
-            NewConnection { nickname: None, ..new_connection(Exchange::Binance, "2") },
-            None,
-        )
+        .upsert_connection(&alice, NewConnection { nickname: None, ..new_connection(Exchange::Binance, "2") }, None)
         .await
         .unwrap();
     assert_eq!(second.id, first.id);
@@ -73,13 +66,9 @@ async fn upsert_inserts_then_updates_the_same_row(store: Store) {
     assert_eq!(version, 2);
 
     // A different exchange is a different connection; newest first.
-    let kraken = store
-        .upsert_connection(&alice, new_connection(Exchange::Kraken, "k"), None)
-        .await
-        .unwrap();
+    let kraken = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "k"), None).await.unwrap();
     assert_ne!(kraken.id, first.id);
-    let listed: Vec<ConnectionId> =
-        store.list_connections(&alice).await.unwrap().iter().map(|c| c.id).collect();
+    let listed: Vec<ConnectionId> = store.list_connections(&alice).await.unwrap().iter().map(|c| c.id).collect();
     assert_eq!(listed, vec![kraken.id, first.id]);
 }
 
@@ -92,9 +81,7 @@ async fn concurrent_upserts_share_one_row(store: Store) {
             let store = store.clone();
             let alice = alice.clone();
             tokio::spawn(async move {
-                store
-                    .upsert_connection(&alice, new_connection(Exchange::Coinbase, &i.to_string()), None)
-                    .await
+                store.upsert_connection(&alice, new_connection(Exchange::Coinbase, &i.to_string()), None).await
             })
         })
         .collect();
@@ -110,17 +97,11 @@ async fn concurrent_upserts_share_one_row(store: Store) {
 
 async fn upsert_reactivates_a_revoked_connection(store: Store) {
     let alice = user(&store).await;
-    let first = store
-        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "1"), None)
-        .await
-        .unwrap();
+    let first = store.upsert_connection(&alice, new_connection(Exchange::Zerodha, "1"), None).await.unwrap();
     store.revoke_connection(&alice, first.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
     assert_eq!(store.get_connection(&alice, first.id).await.unwrap(), None);
 
-    let again = store
-        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "2"), None)
-        .await
-        .unwrap();
+    let again = store.upsert_connection(&alice, new_connection(Exchange::Zerodha, "2"), None).await.unwrap();
     assert_eq!(again.id, first.id);
     assert!(again.is_active);
     assert_eq!(again.credentials_version, 2);
@@ -132,18 +113,9 @@ async fn upsert_reactivates_a_revoked_connection(store: Store) {
 async fn list_and_get_return_only_active_own_rows(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
-    let a_binance = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "a1"), None)
-        .await
-        .unwrap();
-    let a_kraken = store
-        .upsert_connection(&alice, new_connection(Exchange::Kraken, "a2"), None)
-        .await
-        .unwrap();
-    let b_binance = store
-        .upsert_connection(&bob, new_connection(Exchange::Binance, "b1"), None)
-        .await
-        .unwrap();
+    let a_binance = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a1"), None).await.unwrap();
+    let a_kraken = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "a2"), None).await.unwrap();
+    let b_binance = store.upsert_connection(&bob, new_connection(Exchange::Binance, "b1"), None).await.unwrap();
     store.revoke_connection(&alice, a_kraken.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
 
     assert_eq!(store.list_connections(&alice).await.unwrap(), vec![a_binance.clone()]);
@@ -157,10 +129,7 @@ async fn list_and_get_return_only_active_own_rows(store: Store) {
 
 async fn revoke_wipes_secrets_and_audits_in_one_transaction(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Coinbase, "r"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Coinbase, "r"), None).await.unwrap();
     store.store_session(conn.id, "gAAAA-token".into(), Utc::now(), None).await.unwrap();
     let audit = AuditEntryInput {
         connection_id: None,
@@ -199,10 +168,7 @@ async fn revoke_wipes_secrets_and_audits_in_one_transaction(store: Store) {
     assert_eq!(log[0].details, json!({"reason": "user"}));
 
     // Already revoked: NotFound, and no second audit row.
-    let err = store
-        .revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked))
-        .await
-        .unwrap_err();
+    let err = store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
     assert_eq!(store.list_audit(&alice, 10, None).await.unwrap().len(), 1);
 }
@@ -210,15 +176,9 @@ async fn revoke_wipes_secrets_and_audits_in_one_transaction(store: Store) {
 async fn revoke_of_unknown_or_foreign_connection_is_not_found(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
     for (who, id) in [(&bob, conn.id), (&alice, ConnectionId::new_random())] {
-        let err = store
-            .revoke_connection(who, id, AuditEntryInput::new(AuditAction::Revoked))
-            .await
-            .unwrap_err();
+        let err = store.revoke_connection(who, id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap_err();
         assert!(matches!(err, StoreError::NotFound), "{err:?}");
     }
     assert!(store.get_connection(&alice, conn.id).await.unwrap().is_some());
@@ -237,10 +197,7 @@ async fn upsert_with_audit_writes_both(store: Store) {
         user_agent: Some("curl/8".into()),
         details: json!({"exchange": "kraken"}),
     };
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Kraken, "a"), Some(audit))
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "a"), Some(audit)).await.unwrap();
     let log = store.list_audit(&alice, 10, None).await.unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].connection_id, Some(conn.id));
@@ -293,10 +250,7 @@ async fn user_transaction_commits_or_rolls_back_as_a_whole(store: Store) {
 /// What the API serializes for clients carries no ciphertext.
 async fn connection_record_holds_no_secrets(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Coinbase, "s"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Coinbase, "s"), None).await.unwrap();
     let json = serde_json::to_string(&conn).unwrap();
     assert!(!json.contains("gAAAA"), "{json}");
     assert!(!json.contains("encrypted"), "{json}");

@@ -63,7 +63,6 @@ macro_rules! sqlite_only {
     )+};
 }
 
-
 /// Connects and migrates a store for `url`, runs `case` on it, closes it.
 async fn connect_and_run<F, Fut>(url: String, case: F)
 where
@@ -147,9 +146,7 @@ async fn drop_stale_databases() {
                 .unwrap_or_default();
         let cutoff = Utc::now().timestamp_millis() as u64 - 3_600_000;
         for name in names {
-            let Some(ulid) = name
-                .strip_prefix(DB_PREFIX)
-                .and_then(|u| ulid::Ulid::from_string(&u.to_uppercase()).ok())
+            let Some(ulid) = name.strip_prefix(DB_PREFIX).and_then(|u| ulid::Ulid::from_string(&u.to_uppercase()).ok())
             else {
                 continue;
             };
@@ -171,9 +168,7 @@ async fn drop_stale_databases() {
                 .and_then(|u| ulid::Ulid::from_string(&u.to_uppercase()).ok())
                 .is_some_and(|ulid| ulid.timestamp_ms() < cutoff);
             if stale {
-                let _ = sqlx::query(AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
-                    .execute(&mut admin)
-                    .await;
+                let _ = sqlx::query(AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}"))).execute(&mut admin).await;
             }
         }
         let _ = admin.close().await;

@@ -12,7 +12,10 @@ use crate::harness::{creds, new_connection, user};
 /// Tickets on the apalis queue, read straight from its table.
 async fn tickets(store: &Store) -> i64 {
     if let Some(pool) = store.pg_pool() {
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'tradeeon'").fetch_one(pool).await.unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = 'tradeeon'")
+            .fetch_one(pool)
+            .await
+            .unwrap()
     } else {
         let pool = store.sqlite_pool().unwrap();
         sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'tradeeon'").fetch_one(pool).await.unwrap()
@@ -22,14 +25,21 @@ async fn tickets(store: &Store) -> i64 {
 /// The raw payload column (to prove it is wiped and never holds plaintext).
 async fn raw_payload(store: &Store, id: &str) -> Option<String> {
     if let Some(pool) = store.pg_pool() {
-        sqlx::query_scalar("SELECT payload::text FROM tradeeon_jobs WHERE id = $1").bind(id).fetch_one(pool).await.unwrap()
+        sqlx::query_scalar("SELECT payload::text FROM tradeeon_jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
     } else {
         let pool = store.sqlite_pool().unwrap();
         sqlx::query_scalar("SELECT payload FROM tradeeon_jobs WHERE id = ?1").bind(id).fetch_one(pool).await.unwrap()
     }
 }
 
-fn verify_job(user: &tradeeon_shared::store::UserContext, connection: &tradeeon_shared::store::ConnectionRecord) -> NewJob {
+fn verify_job(
+    user: &tradeeon_shared::store::UserContext,
+    connection: &tradeeon_shared::store::ConnectionRecord,
+) -> NewJob {
     NewJob::new(
         user.user_id,
         connection.exchange,
@@ -93,7 +103,8 @@ async fn one_credential_change_per_connection(store: Store) {
     assert_eq!(tickets(&store).await, 1, "the refused job pushed no ticket");
 
     // Health checks are not credential changes: they may run alongside.
-    let health = NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
+    let health =
+        NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
     assert!(store.enqueue_job(&health).await.unwrap().is_some());
 
     // Once the first settles, a rotation is accepted.
@@ -106,7 +117,8 @@ async fn one_credential_change_per_connection(store: Store) {
 async fn idempotency_key_enqueues_once(store: Store) {
     let alice = user(&store).await;
     let connection = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "a"), None).await.unwrap();
-    let mut job = NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
+    let mut job =
+        NewJob::new(alice.user_id, connection.exchange, JobPayload::HealthCheck { connection_id: connection.id });
     job.idempotency_key = Some(format!("sweep:1700000000:{}", connection.id));
     assert!(store.enqueue_job(&job).await.unwrap().is_some());
     let mut again = job.clone();
@@ -214,8 +226,11 @@ async fn queue_stats_report_depth_and_age(store: Store) {
     let alice = user(&store).await;
     assert_eq!(store.queue_stats().await.unwrap(), Default::default());
     for tag in ["a", "b", "c"] {
-        let mut job =
-            NewJob::new(alice.user_id, Exchange::Kraken, JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(tag) });
+        let mut job = NewJob::new(
+            alice.user_id,
+            Exchange::Kraken,
+            JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(tag) },
+        );
         job.run_at = Some(Utc::now() - ChronoDuration::seconds(90));
         store.enqueue_job(&job).await.unwrap();
     }
@@ -250,7 +265,8 @@ async fn a_page_of_jobs_is_enqueued_at_once(store: Store) {
     let alice = user(&store).await;
     let mut page = Vec::new();
     for (i, exchange) in [Exchange::Binance, Exchange::Coinbase, Exchange::Kraken].into_iter().enumerate() {
-        let connection = store.upsert_connection(&alice, new_connection(exchange, &format!("c{i}")), None).await.unwrap();
+        let connection =
+            store.upsert_connection(&alice, new_connection(exchange, &format!("c{i}")), None).await.unwrap();
         let mut job = NewJob::new(alice.user_id, exchange, JobPayload::HealthCheck { connection_id: connection.id });
         job.idempotency_key = Some(format!("sweep:1700000000:{}", connection.id));
         job.run_at = Some(Utc::now() + ChronoDuration::seconds(if i == 2 { 60 } else { 0 }));
@@ -297,7 +313,11 @@ async fn a_page_of_jobs_is_enqueued_at_once(store: Store) {
 /// seconds, so there it is rounded up — at most a second late, never early.
 async fn a_retry_is_never_due_before_its_time(store: Store) {
     let alice = user(&store).await;
-    let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds("r") });
+    let job = NewJob::new(
+        alice.user_id,
+        Exchange::Binance,
+        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("r") },
+    );
     store.enqueue_job(&job).await.unwrap();
     store.claim_job(job.id).await.unwrap().unwrap();
     // A delay with a fractional second, as retry delays and Retry-After headers have.
@@ -364,7 +384,11 @@ async fn workers_are_woken_after_commit(store: Store) {
     listener.listen("apalis::job::insert").await.unwrap();
     let alice = user(&store).await;
     let test_job = |tag: &str| {
-        NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(tag) })
+        NewJob::new(
+            alice.user_id,
+            Exchange::Binance,
+            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(tag) },
+        )
     };
 
     // Rolled back and scheduled for later: no wake-up.
@@ -404,13 +428,18 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
     let alice = user(&store).await;
     let bob = user(&store).await;
     let test_job = |owner: &tradeeon_shared::store::UserContext, i: usize| {
-        NewJob::new(owner.user_id, Exchange::Kraken, JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(&format!("{i}")) })
+        NewJob::new(
+            owner.user_id,
+            Exchange::Kraken,
+            JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(&format!("{i}")) },
+        )
     };
     // 150 submissions at once, one of them by a user who has no profile row (its foreign keys
     // fail): that one gets its error, the others are written with their audit rows.
     let stranger = crate::harness::new_user();
-    let mut submissions: Vec<(tradeeon_shared::store::UserContext, NewJob)> =
-        (0..150).map(|i| if i % 2 == 0 { (alice.clone(), test_job(&alice, i)) } else { (bob.clone(), test_job(&bob, i)) }).collect();
+    let mut submissions: Vec<(tradeeon_shared::store::UserContext, NewJob)> = (0..150)
+        .map(|i| if i % 2 == 0 { (alice.clone(), test_job(&alice, i)) } else { (bob.clone(), test_job(&bob, i)) })
+        .collect();
     submissions[75] = (stranger.clone(), test_job(&stranger, 75));
     let audit = AuditEntryInput::new(AuditAction::Tested);
     let enqueued = join_all(submissions.iter().map(|(who, job)| store.enqueue_with_audit(who, &audit, job))).await;
@@ -418,7 +447,11 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
         if i == 75 {
             assert!(answer.is_err(), "a job for a user with no profile must fail: {answer:?}");
         } else {
-            assert_eq!(answer.as_ref().unwrap().as_ref().unwrap().id, job.id, "submission {i} got another job's record");
+            assert_eq!(
+                answer.as_ref().unwrap().as_ref().unwrap().id,
+                job.id,
+                "submission {i} got another job's record"
+            );
         }
     }
     assert_eq!(tickets(&store).await, 149);
@@ -439,7 +472,9 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
     // Claims and settles at once: each claim returns its own payload, each settle its own.
     let ids: Vec<_> = submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, (_, job))| job.id).collect();
     let claims = join_all(ids.iter().map(|id| store.claim_job(*id))).await;
-    for ((id, claim), (_, job)) in ids.iter().zip(&claims).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s)) {
+    for ((id, claim), (_, job)) in
+        ids.iter().zip(&claims).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s))
+    {
         let claimed = claim.as_ref().unwrap().as_ref().expect("claimable");
         assert_eq!(claimed.record.id, *id);
         assert_eq!(claimed.user_id, job.user_id);
@@ -453,7 +488,9 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
     let done = JobOutcome::Done(ok_result());
     let again = join_all(ids.iter().take(10).map(|id| store.finish_job(*id, &done))).await;
     assert!(again.iter().all(|s| !*s.as_ref().unwrap()), "settling twice is refused");
-    for ((id, outcome), (who, _)) in ids.iter().zip(&outcomes).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s)) {
+    for ((id, outcome), (who, _)) in
+        ids.iter().zip(&outcomes).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s))
+    {
         let record = store.get_job(who, *id).await.unwrap().unwrap();
         match outcome {
             JobOutcome::Failed(error) => {
@@ -469,7 +506,13 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
     // `service::concurrent_checks_are_written_together_each_with_its_own_answer`).
     for stats in store.coalesced_statements() {
         if stats.kind != "record_check" {
-            assert!(stats.statements < stats.calls, "{}: {} calls in {} statements", stats.kind, stats.calls, stats.statements);
+            assert!(
+                stats.statements < stats.calls,
+                "{}: {} calls in {} statements",
+                stats.kind,
+                stats.calls,
+                stats.statements
+            );
             assert!(!stats.ran.is_zero(), "{}: statements are timed", stats.kind);
         }
     }
@@ -512,7 +555,11 @@ async fn job_tables_keep_index_work_down(store: Store) {
     // A claimed job is still "active" for the one-change-per-connection rule and the queue
     // depth, and a settled one is not.
     let alice = user(&store).await;
-    let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds("hot") });
+    let job = NewJob::new(
+        alice.user_id,
+        Exchange::Binance,
+        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("hot") },
+    );
     store.enqueue_job(&job).await.unwrap();
     let active = || async {
         sqlx::query_scalar::<_, bool>("SELECT active FROM public.tradeeon_jobs WHERE id = $1")
@@ -553,7 +600,13 @@ async fn acknowledged_tickets_are_dropped(store: Store) {
     let pool = store.pg_pool().unwrap();
     let alice = user(&store).await;
     let jobs: Vec<NewJob> = (0..3)
-        .map(|i| NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) }))
+        .map(|i| {
+            NewJob::new(
+                alice.user_id,
+                Exchange::Binance,
+                JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) },
+            )
+        })
         .collect();
     for job in &jobs {
         store.enqueue_job(job).await.unwrap();
@@ -563,20 +616,20 @@ async fn acknowledged_tickets_are_dropped(store: Store) {
         .await
         .unwrap();
     // apalis's own fetch, then its lock: neither deletes anything.
-    let fetched: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.get_jobs('w', 'tradeeon', 10)")
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let fetched: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM apalis.get_jobs('w', 'tradeeon', 10)").fetch_all(pool).await.unwrap();
     assert_eq!(fetched.len(), 3);
     sqlx::query("UPDATE apalis.jobs SET status = 'Running' WHERE lock_by = 'w'").execute(pool).await.unwrap();
     assert_eq!(tickets(&store).await, 3);
 
     // Two done, one failed for good.
-    let ack = |id: &String, status: &str| serde_json::json!({"task_id": id, "attempt": 1, "result": null, "status": status});
+    let ack =
+        |id: &String, status: &str| serde_json::json!({"task_id": id, "attempt": 1, "result": null, "status": status});
     let acked = serde_json::json!([ack(&fetched[0], "Done"), ack(&fetched[1], "Done"), ack(&fetched[2], "Killed")]);
     let updated = sqlx::query(ACK).bind(&acked).bind("w").execute(pool).await.unwrap().rows_affected();
     assert_eq!(updated, 3);
-    let left: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM apalis.jobs").fetch_all(pool).await.unwrap();
+    let left: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, status FROM apalis.jobs").fetch_all(pool).await.unwrap();
     assert_eq!(left, vec![(fetched[2].clone(), "Killed".to_string())]);
     // The one that failed for good goes with the settled job records.
     store.prune_jobs(Utc::now() + ChronoDuration::seconds(1)).await.unwrap();
@@ -591,12 +644,18 @@ async fn acknowledged_tickets_are_dropped_embedded(store: Store) {
     let alice = user(&store).await;
     let mut ids = Vec::new();
     for i in 0..2 {
-        let job = NewJob::new(alice.user_id, Exchange::Binance, JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) });
+        let job = NewJob::new(
+            alice.user_id,
+            Exchange::Binance,
+            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) },
+        );
         store.enqueue_job(&job).await.unwrap();
         ids.push(job.id.to_string());
     }
     let ack = |id: &String, status: &'static str| {
-        sqlx::query("UPDATE Jobs SET status = ?2, done_at = strftime('%s', 'now') WHERE id = ?1").bind(id.clone()).bind(status)
+        sqlx::query("UPDATE Jobs SET status = ?2, done_at = strftime('%s', 'now') WHERE id = ?1")
+            .bind(id.clone())
+            .bind(status)
     };
     ack(&ids[0], "Running").execute(pool).await.unwrap();
     assert_eq!(tickets(&store).await, 2);

@@ -75,10 +75,18 @@ async fn rewrap_loses_to_rotation_revoke_and_new_session(store: Store) {
     let listed = list_all(&store, 100).await;
     let find = |id| listed.iter().find(|s| s.id == id).unwrap();
 
-    assert!(store
-        .swap_credentials(rotated.id, 1, creds("rotated"), ApiKeyHint::from_api_key("k"), AuditEntryInput::new(AuditAction::Rotated))
-        .await
-        .unwrap());
+    assert!(
+        store
+            .swap_credentials(
+                rotated.id,
+                1,
+                creds("rotated"),
+                ApiKeyHint::from_api_key("k"),
+                AuditEntryInput::new(AuditAction::Rotated)
+            )
+            .await
+            .unwrap()
+    );
     store.revoke_connection(&alice, revoked.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
     store.store_session(session.id, "gAAAA-t2".into(), Utc::now(), None).await.unwrap();
 
@@ -92,7 +100,4 @@ async fn rewrap_loses_to_rotation_revoke_and_new_session(store: Store) {
     assert_eq!(store.load_access_token(session.id).await.unwrap().as_deref(), Some("gAAAA-t2"));
 }
 
-contract!(
-    rewrap_lists_every_secret_and_replaces_it_once,
-    rewrap_loses_to_rotation_revoke_and_new_session,
-);
+contract!(rewrap_lists_every_secret_and_replaces_it_once, rewrap_loses_to_rotation_revoke_and_new_session,);

@@ -12,11 +12,7 @@ async fn as_user(pool: &PgPool, user: Option<UserId>) -> Transaction<'static, Po
     sqlx::query("SET LOCAL ROLE authenticated").execute(&mut *tx).await.unwrap();
     if let Some(user) = user {
         let claims = format!(r#"{{"sub":"{user}","role":"authenticated"}}"#);
-        sqlx::query("SELECT set_config('request.jwt.claims', $1, true)")
-            .bind(claims)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        sqlx::query("SELECT set_config('request.jwt.claims', $1, true)").bind(claims).execute(&mut *tx).await.unwrap();
     }
     tx
 }
@@ -32,7 +28,11 @@ async fn seed(store: &Store) -> (UserContext, UserContext, ConnectionId, Connect
     let mut ids = Vec::new();
     for u in [&alice, &bob] {
         let c = store
-            .upsert_connection(u, new_connection(Exchange::Binance, "x"), Some(AuditEntryInput::new(AuditAction::Connected)))
+            .upsert_connection(
+                u,
+                new_connection(Exchange::Binance, "x"),
+                Some(AuditEntryInput::new(AuditAction::Connected)),
+            )
             .await
             .unwrap();
         store
@@ -63,8 +63,7 @@ async fn rls_limits_reads_to_the_claimed_user(store: Store) {
                 .unwrap();
         assert_eq!(owners, vec![alice.user_id.0], "{table}");
     }
-    let users: Vec<uuid::Uuid> =
-        sqlx::query_scalar("SELECT id FROM public.users").fetch_all(&mut *tx).await.unwrap();
+    let users: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM public.users").fetch_all(&mut *tx).await.unwrap();
     assert_eq!(users, vec![alice.user_id.0]);
     let history: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT connection_id FROM public.connection_health_history")
         .fetch_all(&mut *tx)
@@ -151,11 +150,12 @@ async fn rls_rejects_writes_for_another_user(store: Store) {
 
     // Health history is read-only for users.
     let mut tx = as_user(pool, Some(alice.user_id)).await;
-    let err = sqlx::query("INSERT INTO public.connection_health_history (connection_id, status) VALUES ($1, 'connected')")
-        .bind(alice_conn.0)
-        .execute(&mut *tx)
-        .await
-        .unwrap_err();
+    let err =
+        sqlx::query("INSERT INTO public.connection_health_history (connection_id, status) VALUES ($1, 'connected')")
+            .bind(alice_conn.0)
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
     drop(tx);
 
@@ -177,10 +177,8 @@ async fn store_user_path_runs_under_rls(store: Store) {
         .unwrap();
     assert!(store.list_connections(&alice).await.unwrap().is_empty());
     assert_eq!(store.get_connection(&alice, alice_conn).await.unwrap(), None);
-    let err = store
-        .revoke_connection(&alice, alice_conn, AuditEntryInput::new(AuditAction::Revoked))
-        .await
-        .unwrap_err();
+    let err =
+        store.revoke_connection(&alice, alice_conn, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
     assert!(store.load_credentials(alice_conn).await.unwrap().is_some(), "service path bypasses RLS");
 
@@ -214,10 +212,8 @@ async fn migrations_leave_existing_supabase_objects_alone() {
         let store = Store::connect(&url, 2).await.unwrap();
         store.migrate().await.unwrap();
         let pool = store.pg_pool().unwrap();
-        let comment: Option<String> = sqlx::query_scalar("SELECT obj_description('auth.uid()'::regprocedure)")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let comment: Option<String> =
+            sqlx::query_scalar("SELECT obj_description('auth.uid()'::regprocedure)").fetch_one(pool).await.unwrap();
         assert_eq!(comment.as_deref(), Some("supabase original"));
         let columns: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'auth' AND table_name = 'users'",
@@ -341,10 +337,7 @@ async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
     .execute(&mut admin)
     .await
     .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN"))).execute(&mut admin).await.unwrap();
 
     let role_in_body = role.clone();
     let outcome = tokio::spawn(with_postgres_database(move |url| async move {
@@ -370,19 +363,14 @@ async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
             .execute(&mut superuser)
             .await
             .unwrap();
-        let conn = store
-            .upsert_connection(&alice, new_connection(Exchange::Binance, "n"), None)
-            .await
-            .unwrap();
+        let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "n"), None).await.unwrap();
         assert_eq!(store.list_connections(&alice).await.unwrap(), vec![conn]);
         store.migrate().await.expect("re-run is a no-op");
         store.close().await;
         superuser.close().await.unwrap();
     }))
     .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&mut admin)
-        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}"))).execute(&mut admin).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
     }

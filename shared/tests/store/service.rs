@@ -1,9 +1,7 @@
 //! Worker-side methods: rotation CAS, status, health history, sweeps, sessions.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use tradeeon_shared::domain::{
-    ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions,
-};
+use tradeeon_shared::domain::{ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions};
 use tradeeon_shared::store::{AuditEntryInput, DecidedFrom, HealthRecord, StatusUpdate, Store, StoreError};
 
 use crate::harness::{creds, new_connection, user};
@@ -15,10 +13,7 @@ fn at(secs_ago: i64) -> DateTime<Utc> {
 
 async fn swap_credentials_is_compare_and_swap(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Kraken, "old"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "old"), None).await.unwrap();
     store.store_session(conn.id, "gAAAA-token".into(), at(0), None).await.unwrap();
     let (record, current, version) = store.load_credentials(conn.id).await.unwrap().unwrap();
     assert_eq!(record, store.get_connection(&alice, conn.id).await.unwrap().unwrap());
@@ -51,27 +46,26 @@ async fn swap_credentials_is_compare_and_swap(store: Store) {
 
 async fn update_status_records_a_check(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "s"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "s"), None).await.unwrap();
     let permissions = Permissions { read: true, trade: true, withdraw: false, ip_restricted: true };
     let checked_at = at(5);
-    assert!(store
-        .update_status(
-            conn.id,
-            StatusUpdate {
-                status: ConnectionStatus::Connected,
-                status_message: None,
-                latency_ms: Some(123),
-                permissions: Some(permissions),
-                consecutive_failures: 0,
-                checked_at,
-                credentials_version: conn.credentials_version,
-            },
-        )
-        .await
-        .unwrap());
+    assert!(
+        store
+            .update_status(
+                conn.id,
+                StatusUpdate {
+                    status: ConnectionStatus::Connected,
+                    status_message: None,
+                    latency_ms: Some(123),
+                    permissions: Some(permissions),
+                    consecutive_failures: 0,
+                    checked_at,
+                    credentials_version: conn.credentials_version,
+                },
+            )
+            .await
+            .unwrap()
+    );
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Connected);
     assert_eq!(record.last_latency_ms, Some(123));
@@ -80,21 +74,23 @@ async fn update_status_records_a_check(store: Store) {
     assert_eq!(record.updated_at, conn.updated_at, "a check is not a user change");
 
     // A failed check without permission info keeps the last known permissions.
-    assert!(store
-        .update_status(
-            conn.id,
-            StatusUpdate {
-                status: ConnectionStatus::Degraded,
-                status_message: Some("timeout".into()),
-                latency_ms: None,
-                permissions: None,
-                consecutive_failures: 2,
-                checked_at: at(1),
-                credentials_version: conn.credentials_version,
-            },
-        )
-        .await
-        .unwrap());
+    assert!(
+        store
+            .update_status(
+                conn.id,
+                StatusUpdate {
+                    status: ConnectionStatus::Degraded,
+                    status_message: Some("timeout".into()),
+                    latency_ms: None,
+                    permissions: None,
+                    consecutive_failures: 2,
+                    checked_at: at(1),
+                    credentials_version: conn.credentials_version,
+                },
+            )
+            .await
+            .unwrap()
+    );
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Degraded);
     assert_eq!(record.status_message.as_deref(), Some("timeout"));
@@ -139,10 +135,7 @@ async fn update_status_records_a_check(store: Store) {
 /// version or a revoked connection gets neither.
 async fn record_check_writes_status_and_history_together(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "rc"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "rc"), None).await.unwrap();
     let update = |version: i32, status: ConnectionStatus| StatusUpdate {
         status,
         status_message: None,
@@ -163,7 +156,17 @@ async fn record_check_writes_status_and_history_together(store: Store) {
     let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap() };
 
     let version = conn.credentials_version;
-    assert!(store.record_check(conn.id, update(version, ConnectionStatus::Connected), health(ConnectionStatus::Connected), None).await.unwrap());
+    assert!(
+        store
+            .record_check(
+                conn.id,
+                update(version, ConnectionStatus::Connected),
+                health(ConnectionStatus::Connected),
+                None
+            )
+            .await
+            .unwrap()
+    );
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Connected);
     assert_eq!(record.last_latency_ms, Some(42));
@@ -173,13 +176,23 @@ async fn record_check_writes_status_and_history_together(store: Store) {
     assert_eq!(rows[0].latency_ms, Some(42));
 
     // Stale version: neither the status nor a history row.
-    assert!(!store.record_check(conn.id, update(version + 1, ConnectionStatus::Error), health(ConnectionStatus::Error), None).await.unwrap());
+    assert!(
+        !store
+            .record_check(conn.id, update(version + 1, ConnectionStatus::Error), health(ConnectionStatus::Error), None)
+            .await
+            .unwrap()
+    );
     assert_eq!(store.get_connection(&alice, conn.id).await.unwrap().unwrap().status, ConnectionStatus::Connected);
     assert_eq!(history().await.len(), 1);
 
     // Revoked: the same.
     store.revoke_connection(&alice, conn.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
-    assert!(!store.record_check(conn.id, update(version, ConnectionStatus::Error), health(ConnectionStatus::Error), None).await.unwrap());
+    assert!(
+        !store
+            .record_check(conn.id, update(version, ConnectionStatus::Error), health(ConnectionStatus::Error), None)
+            .await
+            .unwrap()
+    );
     assert_eq!(history().await.len(), 1);
 }
 
@@ -187,10 +200,7 @@ async fn record_check_writes_status_and_history_together(store: Store) {
 /// applies only while nothing has checked the connection or given it a new session since.
 async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "df"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Zerodha, "df"), None).await.unwrap();
     let version = conn.credentials_version;
     let update = |status: ConnectionStatus, secs_ago: i64| StatusUpdate {
         status,
@@ -216,9 +226,19 @@ async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
     let read_by_both = DecidedFrom::of(&stored().await);
     assert_eq!(read_by_both.last_checked_at, None);
     let first = update(ConnectionStatus::Connected, 20);
-    assert!(store.record_check(conn.id, first, health(ConnectionStatus::Connected, 20), Some(read_by_both)).await.unwrap());
     assert!(
-        !store.record_check(conn.id, update(ConnectionStatus::Error, 19), health(ConnectionStatus::Error, 19), Some(read_by_both)).await.unwrap(),
+        store.record_check(conn.id, first, health(ConnectionStatus::Connected, 20), Some(read_by_both)).await.unwrap()
+    );
+    assert!(
+        !store
+            .record_check(
+                conn.id,
+                update(ConnectionStatus::Error, 19),
+                health(ConnectionStatus::Error, 19),
+                Some(read_by_both)
+            )
+            .await
+            .unwrap(),
         "decided from a state another check has replaced"
     );
     assert_eq!(stored().await.status, ConnectionStatus::Connected);
@@ -227,17 +247,47 @@ async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
     // Decided again from what is stored now, it applies.
     let fresh = DecidedFrom::of(&stored().await);
     assert!(fresh.last_checked_at.is_some());
-    assert!(store.record_check(conn.id, update(ConnectionStatus::Degraded, 10), health(ConnectionStatus::Degraded, 10), Some(fresh)).await.unwrap());
+    assert!(
+        store
+            .record_check(
+                conn.id,
+                update(ConnectionStatus::Degraded, 10),
+                health(ConnectionStatus::Degraded, 10),
+                Some(fresh)
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(history().await, 2);
 
     // A new Kite session since the read makes the decision stale too.
     let before_session = DecidedFrom::of(&stored().await);
     assert!(store.store_session(conn.id, "token".into(), at(-3600), None).await.unwrap());
-    assert!(!store.record_check(conn.id, update(ConnectionStatus::Expired, 5), health(ConnectionStatus::Expired, 5), Some(before_session)).await.unwrap());
+    assert!(
+        !store
+            .record_check(
+                conn.id,
+                update(ConnectionStatus::Expired, 5),
+                health(ConnectionStatus::Expired, 5),
+                Some(before_session)
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(stored().await.status, ConnectionStatus::Degraded);
     assert_eq!(history().await, 2);
     let after_session = DecidedFrom::of(&stored().await);
-    assert!(store.record_check(conn.id, update(ConnectionStatus::Connected, 4), health(ConnectionStatus::Connected, 4), Some(after_session)).await.unwrap());
+    assert!(
+        store
+            .record_check(
+                conn.id,
+                update(ConnectionStatus::Connected, 4),
+                health(ConnectionStatus::Connected, 4),
+                Some(after_session)
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(history().await, 3);
 }
 
@@ -251,31 +301,33 @@ async fn concurrent_checks_are_written_together_each_with_its_own_answer(store: 
     for i in 0..20 {
         let owner = user(&store).await;
         for exchange in [Exchange::Binance, Exchange::Kraken] {
-            let conn = store.upsert_connection(&owner, new_connection(exchange, &format!("cc{i}")), None).await.unwrap();
+            let conn =
+                store.upsert_connection(&owner, new_connection(exchange, &format!("cc{i}")), None).await.unwrap();
             connections.push((owner.clone(), conn));
         }
         owners.push(owner);
     }
-    let write = |conn: &tradeeon_shared::store::ConnectionRecord, status: ConnectionStatus, version: i32, failures: i32| {
-        let update = StatusUpdate {
-            status,
-            status_message: Some(format!("{status}")),
-            latency_ms: Some(failures + 10),
-            permissions: None,
-            consecutive_failures: failures,
-            checked_at: at(1),
-            credentials_version: version,
+    let write =
+        |conn: &tradeeon_shared::store::ConnectionRecord, status: ConnectionStatus, version: i32, failures: i32| {
+            let update = StatusUpdate {
+                status,
+                status_message: Some(format!("{status}")),
+                latency_ms: Some(failures + 10),
+                permissions: None,
+                consecutive_failures: failures,
+                checked_at: at(1),
+                credentials_version: version,
+            };
+            let health = HealthRecord {
+                connection_id: conn.id,
+                checked_at: at(1),
+                status,
+                code: Some("ok".into()),
+                latency_ms: Some(failures + 10),
+                message: None,
+            };
+            store.record_check(conn.id, update, health, Some(DecidedFrom::of(conn)))
         };
-        let health = HealthRecord {
-            connection_id: conn.id,
-            checked_at: at(1),
-            status,
-            code: Some("ok".into()),
-            latency_ms: Some(failures + 10),
-            message: None,
-        };
-        store.record_check(conn.id, update, health, Some(DecidedFrom::of(conn)))
-    };
     // Connection 10 gets two decisions made from the same state, issued one after the other so
     // that they most likely share a batch; the last connection a check of keys it never had.
     const TWICE: usize = 10;
@@ -303,13 +355,13 @@ async fn concurrent_checks_are_written_together_each_with_its_own_answer(store: 
         let stored = store.get_connection(owner, conn.id).await.unwrap().unwrap();
         let history = store.list_health_history(owner, conn.id, 10).await.unwrap();
         assert_eq!(history.len(), 1, "connection {i}: one history row");
-        let expected = if i == TWICE && second { (ConnectionStatus::Error, 99) } else { (ConnectionStatus::Connected, i as i32) };
+        let expected =
+            if i == TWICE && second { (ConnectionStatus::Error, 99) } else { (ConnectionStatus::Connected, i as i32) };
         assert_eq!((stored.status, stored.consecutive_failures), expected, "connection {i}");
         assert_eq!((history[0].status, history[0].latency_ms), (expected.0, Some(expected.1 + 10)), "connection {i}");
     }
     if store.pg_pool().is_some() {
-        let stats =
-            store.coalesced_statements().into_iter().find(|s| s.kind == "record_check").expect("record_check");
+        let stats = store.coalesced_statements().into_iter().find(|s| s.kind == "record_check").expect("record_check");
         let (calls, statements) = (stats.calls, stats.statements);
         assert_eq!(calls, n as u64 + 2);
         assert!(statements < calls, "{calls} checks written in {statements} statements");
@@ -319,10 +371,7 @@ async fn concurrent_checks_are_written_together_each_with_its_own_answer(store: 
 async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
     let alice = user(&store).await;
     let bob = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Coinbase, "h"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Coinbase, "h"), None).await.unwrap();
     let record = |secs_ago: i64, status| HealthRecord {
         connection_id: conn.id,
         checked_at: at(secs_ago),
@@ -345,10 +394,7 @@ async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
     assert!(store.list_health_history(&bob, conn.id, 10).await.unwrap().is_empty(), "not bob's");
 
     assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 1);
-    assert_eq!(
-        store.list_health_history(&alice, conn.id, 10).await.unwrap(),
-        vec![newest.clone(), recent]
-    );
+    assert_eq!(store.list_health_history(&alice, conn.id, 10).await.unwrap(), vec![newest.clone(), recent]);
     assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 0);
     assert_eq!(store.list_health_history(&alice, conn.id, 1).await.unwrap(), vec![newest]);
 }
@@ -383,15 +429,19 @@ async fn active_connection_ids_page_in_id_order(store: Store) {
 
 async fn sessions_are_stored_audited_and_cleared_by_new_keys(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Zerodha, "z"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Zerodha, "z"), None).await.unwrap();
     let expires = at(-6 * 3600);
-    assert!(store
-        .store_session(conn.id, "gAAAA-access".into(), expires, Some(AuditEntryInput::new(AuditAction::SessionCreated)))
-        .await
-        .unwrap());
+    assert!(
+        store
+            .store_session(
+                conn.id,
+                "gAAAA-access".into(),
+                expires,
+                Some(AuditEntryInput::new(AuditAction::SessionCreated))
+            )
+            .await
+            .unwrap()
+    );
     assert_eq!(store.load_access_token(conn.id).await.unwrap().as_deref(), Some("gAAAA-access"));
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.session_expires_at, Some(expires));
@@ -406,14 +456,14 @@ async fn sessions_are_stored_audited_and_cleared_by_new_keys(store: Store) {
 
 async fn worker_audit_rows_belong_to_the_connection_owner(store: Store) {
     let alice = user(&store).await;
-    let conn = store
-        .upsert_connection(&alice, new_connection(Exchange::Binance, "w"), None)
-        .await
-        .unwrap();
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "w"), None).await.unwrap();
     let entry = store
         .insert_connection_audit(
             conn.id,
-            AuditEntryInput { details: serde_json::json!({"code": "invalid_credentials"}), ..AuditEntryInput::new(AuditAction::RotateFailed) },
+            AuditEntryInput {
+                details: serde_json::json!({"code": "invalid_credentials"}),
+                ..AuditEntryInput::new(AuditAction::RotateFailed)
+            },
         )
         .await
         .unwrap();

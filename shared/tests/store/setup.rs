@@ -6,14 +6,10 @@ use tradeeon_shared::store::{Backend, MIGRATIONS_TABLE, Store};
 async fn our_migration_versions(store: &Store) -> Vec<i64> {
     let sql = format!("SELECT version FROM {MIGRATIONS_TABLE} ORDER BY version");
     match store.backend() {
-        Backend::Postgres => sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_all(store.pg_pool().unwrap())
-            .await
-            .unwrap(),
-        Backend::Sqlite => sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_all(store.sqlite_pool().unwrap())
-            .await
-            .unwrap(),
+        Backend::Postgres => sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(store.pg_pool().unwrap()).await.unwrap(),
+        Backend::Sqlite => {
+            sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(store.sqlite_pool().unwrap()).await.unwrap()
+        }
     }
 }
 
@@ -37,14 +33,12 @@ async fn migrate_twice_is_a_noop(store: Store) {
 
     // apalis's tables exist next to ours.
     let apalis_jobs: i64 = match store.backend() {
-        Backend::Postgres => sqlx::query_scalar("SELECT count(*) FROM apalis.jobs")
-            .fetch_one(store.pg_pool().unwrap())
-            .await
-            .unwrap(),
-        Backend::Sqlite => sqlx::query_scalar("SELECT count(*) FROM Jobs")
-            .fetch_one(store.sqlite_pool().unwrap())
-            .await
-            .unwrap(),
+        Backend::Postgres => {
+            sqlx::query_scalar("SELECT count(*) FROM apalis.jobs").fetch_one(store.pg_pool().unwrap()).await.unwrap()
+        }
+        Backend::Sqlite => {
+            sqlx::query_scalar("SELECT count(*) FROM Jobs").fetch_one(store.sqlite_pool().unwrap()).await.unwrap()
+        }
     };
     assert_eq!(apalis_jobs, 0);
 }
@@ -58,10 +52,8 @@ async fn sqlite_pragmas_hold_after_migrate(store: Store) {
         conns.push(pool.acquire().await.unwrap());
     }
     for conn in &mut conns {
-        let synchronous: i64 =
-            sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut **conn).await.unwrap();
-        let journal: String =
-            sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut **conn).await.unwrap();
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut **conn).await.unwrap();
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut **conn).await.unwrap();
         let fks: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(&mut **conn).await.unwrap();
         let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut **conn).await.unwrap();
         assert_eq!(synchronous, 1, "synchronous = NORMAL");

@@ -7,8 +7,7 @@ use crate::harness::{new_connection, new_user, text};
 
 async fn email_of(store: &Store, user: &UserContext) -> Option<String> {
     let id = user.user_id.to_string();
-    text(store, "SELECT email FROM public.users WHERE id = $1", "SELECT email FROM users WHERE id = ?1", &id)
-        .await
+    text(store, "SELECT email FROM public.users WHERE id = $1", "SELECT email FROM users WHERE id = ?1", &id).await
 }
 
 async fn ensure_user_is_idempotent(store: Store) {
@@ -61,10 +60,7 @@ async fn duplicate_email_is_a_conflict(store: Store) {
 /// Writing for a user who has no profile row fails cleanly (no panic, not a Conflict).
 async fn upsert_without_profile_is_an_error(store: Store) {
     let stranger = new_user();
-    let err = store
-        .upsert_connection(&stranger, new_connection(Exchange::Binance, "x"), None)
-        .await
-        .unwrap_err();
+    let err = store.upsert_connection(&stranger, new_connection(Exchange::Binance, "x"), None).await.unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
 }
 

@@ -25,7 +25,10 @@ async fn a_paused_bucket_sends_nothing(store: Store) {
     let step =
         app.run_once(app.enqueue_test(Exchange::Kraken, &Keys::new(sim_kraken::SEEDED_FULL_KEY, &secret)).await).await;
     let after = deferred(&step);
-    assert!(after > Duration::from_secs(59) && after < Duration::from_secs(67), "deferred until the pause ends: {after:?}");
+    assert!(
+        after > Duration::from_secs(59) && after < Duration::from_secs(67),
+        "deferred until the pause ends: {after:?}"
+    );
     assert_eq!(app.requests(Exchange::Kraken), 0, "nothing was sent");
     // Another key is not paused.
     let other = sim_kraken::seeded_secret(sim_kraken::SEEDED_READ_ONLY_KEY);
@@ -102,7 +105,10 @@ async fn budgets_are_enforced_with_small_budgets(store: Store) {
     let id = app.enqueue_test(Exchange::Coinbase, &keys).await;
     let step = app.run_once(id).await;
     let wait = deferred(&step);
-    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(550), "one request comes back every 500 ms: {wait:?}");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(550),
+        "one request comes back every 500 ms: {wait:?}"
+    );
     assert_eq!(app.requests(Exchange::Coinbase), 2, "the third check sent nothing");
     // Waiting for the budget is not a failed attempt: deferred more often than a job may retry,
     // it still runs once the budget frees, and only the attempt that ran counts.

@@ -96,7 +96,11 @@ async fn a_duplicate_ticket_runs_nothing_twice(store: Store) {
 
 async fn scheduled_run_at(store: &Store, id: JobId) -> chrono::DateTime<Utc> {
     if let Some(pool) = store.pg_pool() {
-        sqlx::query_scalar("SELECT run_at FROM tradeeon_jobs WHERE id = $1").bind(id.to_string()).fetch_one(pool).await.unwrap()
+        sqlx::query_scalar("SELECT run_at FROM tradeeon_jobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_one(pool)
+            .await
+            .unwrap()
     } else {
         let raw: String = sqlx::query_scalar("SELECT run_at FROM tradeeon_jobs WHERE id = ?1")
             .bind(id.to_string())
@@ -111,7 +115,12 @@ async fn scheduled_run_at(store: &Store, id: JobId) -> chrono::DateTime<Utc> {
 async fn make_due(store: &Store, id: JobId) {
     let past = Utc::now() - chrono::Duration::seconds(1);
     if let Some(pool) = store.pg_pool() {
-        sqlx::query("UPDATE tradeeon_jobs SET run_at = $2 WHERE id = $1").bind(id.to_string()).bind(past).execute(pool).await.unwrap();
+        sqlx::query("UPDATE tradeeon_jobs SET run_at = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(past)
+            .execute(pool)
+            .await
+            .unwrap();
     } else {
         sqlx::query("UPDATE tradeeon_jobs SET run_at = ?2 WHERE id = ?1")
             .bind(id.to_string())
