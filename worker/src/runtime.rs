@@ -220,6 +220,17 @@ async fn run_worker(
             .run_until(stop)
             .await?;
     }
+    // Stopped for shutdown, its jobs finished: a fetch the shutdown cut short may still have
+    // locked tickets to this worker that it will never run. Hand them back now rather than
+    // after the orphan handover. (A backend failure returns above with `?`: those go by the
+    // orphan rule, as the database may not be there to ask.)
+    match store.release_tickets(&name).await {
+        Ok(0) => {}
+        Ok(released) => tracing::info!(worker = %name, released, "tickets fetched but not run put back in the queue"),
+        Err(err) => {
+            tracing::warn!(worker = %name, error = %err, "could not put fetched tickets back; the orphan handover will")
+        }
+    }
     tracing::info!(worker = %name, "job runner stopped");
     Ok(())
 }

@@ -208,6 +208,18 @@ impl Store {
     pub async fn prune_jobs(&self, older_than: DateTime<Utc>) -> Result<u64> {
         dispatch!(self, s => s.prune_jobs(older_than).await)
     }
+
+    /// Puts the queue tickets `worker` still holds back in the queue, for any worker to fetch
+    /// now; returns how many. For a worker that has stopped gracefully, after its running jobs
+    /// finished: what it still holds was fetched and never run (a fetch cut short by the
+    /// shutdown), or run and settled with the acknowledgement cut short. Either is safe to hand
+    /// out again, since claiming a settled job is a no-op. A ticket whose job is still `running`
+    /// stays where it is, so nothing running can be handed out twice. Without this, those
+    /// tickets wait for the orphan handover (heartbeat × missed heartbeats, 30 s).
+    #[tracing::instrument(skip_all, fields(%worker), err)]
+    pub async fn release_tickets(&self, worker: &str) -> Result<u64> {
+        dispatch!(self, s => s.release_tickets(worker).await)
+    }
 }
 
 /// The one message used when a revoke settles pending jobs.

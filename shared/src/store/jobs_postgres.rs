@@ -362,6 +362,20 @@ impl PgStore {
         .await?
         .rows_affected())
     }
+
+    pub(super) async fn release_tickets(&self, worker: &str) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE apalis.jobs AS a SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
+              WHERE job_type = $1 AND lock_by = $2 AND status IN ('Queued', 'Running')
+                AND NOT EXISTS (SELECT 1 FROM public.tradeeon_jobs AS t
+                                 WHERE t.id = convert_from(a.job, 'UTF8')::jsonb ->> 'job_id' AND t.status = 'running')",
+        )
+        .bind(QUEUE)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
 }
 
 /// The statements the API and the workers issue most, each coalesced with concurrent calls of

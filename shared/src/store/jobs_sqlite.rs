@@ -278,4 +278,18 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(deleted)
     }
+
+    pub(super) async fn release_tickets(&self, worker: &str) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, done_at = NULL
+              WHERE job_type = ?1 AND lock_by = ?2 AND status IN ('Queued', 'Running')
+                AND NOT EXISTS (SELECT 1 FROM tradeeon_jobs AS t
+                                 WHERE t.id = json_extract(CAST(Jobs.job AS TEXT), '$.job_id') AND t.status = 'running')",
+        )
+        .bind(QUEUE)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
 }

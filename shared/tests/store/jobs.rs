@@ -352,7 +352,82 @@ async fn a_retry_is_never_due_before_its_time(store: Store) {
     assert_eq!(store.queue_stats().await.unwrap().scheduled, 1);
 }
 
+/// A worker stopping for good hands back the tickets it still holds: fetched and never run, or
+/// settled with the acknowledgement cut short. Not one whose job is still running, and none of
+/// another worker's.
+async fn a_stopped_workers_tickets_go_back_to_the_queue(store: Store) {
+    let alice = user(&store).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let job = NewJob::new(
+            alice.user_id,
+            Exchange::Binance,
+            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("release{i}")) },
+        );
+        store.enqueue_job(&job).await.unwrap();
+        ids.push(job.id);
+    }
+    // The first ticket's job ran and settled; the second's is still running; the third is merely
+    // fetched. All three are locked by "stopping", as apalis's fetch leaves them. The fourth is
+    // another worker's.
+    store.claim_job(ids[0]).await.unwrap().unwrap();
+    store.finish_job(ids[0], &JobOutcome::Failed("x".into())).await.unwrap();
+    store.claim_job(ids[1]).await.unwrap().unwrap();
+    // Lock a job's ticket to a worker, as apalis's fetch (Queued) and its lock (Running) do.
+    let lock = |job_id: String, worker: &'static str, status: &'static str| {
+        let store = store.clone();
+        async move {
+            if let Some(pool) = store.pg_pool() {
+                let sql = "UPDATE apalis.jobs SET lock_by = $2, lock_at = now(), status = $3
+                            WHERE convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1";
+                sqlx::query(sql).bind(job_id).bind(worker).bind(status).execute(pool).await.unwrap();
+            } else {
+                let sql = "UPDATE Jobs SET lock_by = ?2, lock_at = strftime('%s', 'now'), status = ?3
+                            WHERE json_extract(CAST(job AS TEXT), '$.job_id') = ?1";
+                let pool = store.sqlite_pool().unwrap();
+                sqlx::query(sql).bind(job_id).bind(worker).bind(status).execute(pool).await.unwrap();
+            }
+        }
+    };
+    let workers = "VALUES ('stopping', 'tradeeon', 't'), ('other', 'tradeeon', 't')";
+    if let Some(pool) = store.pg_pool() {
+        let insert = format!("INSERT INTO apalis.workers (id, worker_type, storage_name) {workers}");
+        sqlx::query(sqlx::AssertSqlSafe(insert)).execute(pool).await.unwrap();
+    } else {
+        let insert = format!("INSERT INTO Workers (id, worker_type, storage_name) {workers}");
+        sqlx::query(sqlx::AssertSqlSafe(insert)).execute(store.sqlite_pool().unwrap()).await.unwrap();
+    }
+    lock(ids[0].to_string(), "stopping", "Running").await;
+    lock(ids[1].to_string(), "stopping", "Running").await;
+    lock(ids[2].to_string(), "stopping", "Queued").await;
+    lock(ids[3].to_string(), "other", "Running").await;
+
+    assert_eq!(store.release_tickets("stopping").await.unwrap(), 2);
+    let held: Vec<(Option<String>, String)> = if let Some(pool) = store.pg_pool() {
+        sqlx::query_as("SELECT lock_by, status FROM apalis.jobs ORDER BY convert_from(job, 'UTF8')::jsonb ->> 'job_id'")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    } else {
+        sqlx::query_as("SELECT lock_by, status FROM Jobs ORDER BY json_extract(CAST(job AS TEXT), '$.job_id')")
+            .fetch_all(store.sqlite_pool().unwrap())
+            .await
+            .unwrap()
+    };
+    let mut expected = vec![
+        (ids[0], (None, "Pending".to_string())),
+        (ids[1], (Some("stopping".to_string()), "Running".to_string())),
+        (ids[2], (None, "Pending".to_string())),
+        (ids[3], (Some("other".to_string()), "Running".to_string())),
+    ];
+    expected.sort_by_key(|(id, _)| id.to_string());
+    assert_eq!(held, expected.into_iter().map(|(_, t)| t).collect::<Vec<_>>());
+    // Once released, a ticket is no one's: a second call finds nothing.
+    assert_eq!(store.release_tickets("stopping").await.unwrap(), 0);
+}
+
 contract!(
+    a_stopped_workers_tickets_go_back_to_the_queue,
     a_retry_is_never_due_before_its_time,
     a_page_of_jobs_is_enqueued_at_once,
     credentials_version_is_read_in_the_enqueueing_transaction,
