@@ -144,7 +144,16 @@ async fn a_sweep_spreads_its_checks_and_completes_when_they_settle(store: Store)
     let (swept, ()) = tokio::join!(sweeping, worker);
     let (enqueued, observer) = swept.unwrap();
     assert_eq!(enqueued, 2);
-    assert_eq!(observer.completed.load(Ordering::SeqCst), 1);
+    // If it gave up, say why: a check re-checked or retried later cannot settle in time.
+    let sql = "SELECT status || ' ' || coalesce(result ->> 'code', '-') || ' ' || coalesce(result ->> 'message', '-')
+                      || ' attempts ' || attempts
+                 FROM tradeeon_jobs WHERE kind = 'health_check'";
+    let checks: Vec<String> = match (store.pg_pool(), store.sqlite_pool()) {
+        (Some(pool), _) => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap(),
+        (_, Some(pool)) => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap(),
+        _ => Vec::new(),
+    };
+    assert_eq!(observer.completed.load(Ordering::SeqCst), 1, "the sweep did not complete; its checks: {checks:?}");
     assert_eq!(observer.stretched.load(Ordering::SeqCst), 0);
 }
 
