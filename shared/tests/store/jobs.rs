@@ -4,7 +4,7 @@
 use chrono::{Duration as ChronoDuration, Utc};
 use tradeeon_shared::domain::{AuditAction, Exchange};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
-use tradeeon_shared::jobs::{JobKind, JobOutcome, JobPayload, JobStatus, NewJob};
+use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob};
 use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError};
 
 use crate::harness::{creds, new_connection, user};
@@ -20,6 +20,23 @@ async fn tickets(store: &Store) -> i64 {
         let pool = store.sqlite_pool().unwrap();
         sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'tradeeon'").fetch_one(pool).await.unwrap()
     }
+}
+
+/// Enqueues `n` Binance `test` jobs for a new user, keys named after `tag`; their ids.
+async fn enqueue_tests(store: &Store, tag: &str, n: usize) -> Vec<JobId> {
+    let alice = user(store).await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let credentials = creds(&format!("{tag}{i}"));
+        let job = NewJob::new(
+            alice.user_id,
+            Exchange::Binance,
+            JobPayload::Test { exchange: Exchange::Binance, credentials },
+        );
+        store.enqueue_job(&job).await.unwrap();
+        ids.push(job.id);
+    }
+    ids
 }
 
 /// The raw payload column (to prove it is wiped and never holds plaintext).
@@ -356,17 +373,7 @@ async fn a_retry_is_never_due_before_its_time(store: Store) {
 /// settled with the acknowledgement cut short. Not one whose job is still running, and none of
 /// another worker's.
 async fn a_stopped_workers_tickets_go_back_to_the_queue(store: Store) {
-    let alice = user(&store).await;
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        let job = NewJob::new(
-            alice.user_id,
-            Exchange::Binance,
-            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("release{i}")) },
-        );
-        store.enqueue_job(&job).await.unwrap();
-        ids.push(job.id);
-    }
+    let ids = enqueue_tests(&store, "release", 4).await;
     // The first ticket's job ran and settled; the second's is still running; the third is merely
     // fetched. All three are locked by "stopping", as apalis's fetch leaves them. The fourth is
     // another worker's.
@@ -673,19 +680,7 @@ async fn acknowledged_tickets_are_dropped(store: Store) {
           FROM j INNER JOIN locked ON locked.id = j.task_id
          WHERE jobs.id = locked.id";
     let pool = store.pg_pool().unwrap();
-    let alice = user(&store).await;
-    let jobs: Vec<NewJob> = (0..3)
-        .map(|i| {
-            NewJob::new(
-                alice.user_id,
-                Exchange::Binance,
-                JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) },
-            )
-        })
-        .collect();
-    for job in &jobs {
-        store.enqueue_job(job).await.unwrap();
-    }
+    enqueue_tests(&store, "ack", 3).await;
     sqlx::query("INSERT INTO apalis.workers (id, worker_type, storage_name) VALUES ('w', 'tradeeon', 'test')")
         .execute(pool)
         .await
@@ -716,17 +711,7 @@ postgres_only!(acknowledged_tickets_are_dropped);
 /// The same on SQLite, where apalis acknowledges a ticket by updating its status.
 async fn acknowledged_tickets_are_dropped_embedded(store: Store) {
     let pool = store.sqlite_pool().unwrap();
-    let alice = user(&store).await;
-    let mut ids = Vec::new();
-    for i in 0..2 {
-        let job = NewJob::new(
-            alice.user_id,
-            Exchange::Binance,
-            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(&format!("ack{i}")) },
-        );
-        store.enqueue_job(&job).await.unwrap();
-        ids.push(job.id.to_string());
-    }
+    let ids: Vec<String> = enqueue_tests(&store, "ack", 2).await.iter().map(JobId::to_string).collect();
     let ack = |id: &String, status: &'static str| {
         sqlx::query("UPDATE Jobs SET status = ?2, done_at = strftime('%s', 'now') WHERE id = ?1")
             .bind(id.clone())

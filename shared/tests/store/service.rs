@@ -221,73 +221,35 @@ async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
     };
     let stored = || async { store.load_credentials(conn.id).await.unwrap().unwrap().0 };
     let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap().len() };
+    // One check's write: its status at `secs_ago`, decided from `from`; whether it applied.
+    let write = |status: ConnectionStatus, secs_ago: i64, from: DecidedFrom| {
+        let (update, health) = (update(status, secs_ago), health(status, secs_ago));
+        let store = store.clone();
+        async move { store.record_check(conn.id, update, health, Some(from)).await.unwrap() }
+    };
 
     // Two checks read the never-checked connection; the first to write wins.
     let read_by_both = DecidedFrom::of(&stored().await);
     assert_eq!(read_by_both.last_checked_at, None);
-    let first = update(ConnectionStatus::Connected, 20);
-    assert!(
-        store.record_check(conn.id, first, health(ConnectionStatus::Connected, 20), Some(read_by_both)).await.unwrap()
-    );
-    assert!(
-        !store
-            .record_check(
-                conn.id,
-                update(ConnectionStatus::Error, 19),
-                health(ConnectionStatus::Error, 19),
-                Some(read_by_both)
-            )
-            .await
-            .unwrap(),
-        "decided from a state another check has replaced"
-    );
+    assert!(write(ConnectionStatus::Connected, 20, read_by_both).await);
+    assert!(!write(ConnectionStatus::Error, 19, read_by_both).await, "decided from a state another check has replaced");
     assert_eq!(stored().await.status, ConnectionStatus::Connected);
     assert_eq!(history().await, 1);
 
     // Decided again from what is stored now, it applies.
     let fresh = DecidedFrom::of(&stored().await);
     assert!(fresh.last_checked_at.is_some());
-    assert!(
-        store
-            .record_check(
-                conn.id,
-                update(ConnectionStatus::Degraded, 10),
-                health(ConnectionStatus::Degraded, 10),
-                Some(fresh)
-            )
-            .await
-            .unwrap()
-    );
+    assert!(write(ConnectionStatus::Degraded, 10, fresh).await);
     assert_eq!(history().await, 2);
 
     // A new Kite session since the read makes the decision stale too.
     let before_session = DecidedFrom::of(&stored().await);
     assert!(store.store_session(conn.id, "token".into(), at(-3600), None).await.unwrap());
-    assert!(
-        !store
-            .record_check(
-                conn.id,
-                update(ConnectionStatus::Expired, 5),
-                health(ConnectionStatus::Expired, 5),
-                Some(before_session)
-            )
-            .await
-            .unwrap()
-    );
+    assert!(!write(ConnectionStatus::Expired, 5, before_session).await);
     assert_eq!(stored().await.status, ConnectionStatus::Degraded);
     assert_eq!(history().await, 2);
     let after_session = DecidedFrom::of(&stored().await);
-    assert!(
-        store
-            .record_check(
-                conn.id,
-                update(ConnectionStatus::Connected, 4),
-                health(ConnectionStatus::Connected, 4),
-                Some(after_session)
-            )
-            .await
-            .unwrap()
-    );
+    assert!(write(ConnectionStatus::Connected, 4, after_session).await);
     assert_eq!(history().await, 3);
 }
 
