@@ -261,6 +261,17 @@ pub struct JobTicket {
     pub job_id: JobId,
 }
 
+/// The apalis task id of one ticket. The worker acknowledges a ticket itself — the statement
+/// that settles or reschedules its job also deletes it — so it must say which ticket ran.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TicketId(pub String);
+
+impl std::fmt::Display for TicketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Delay before retry number `attempt` (1 = the first retry): exponential from 2 s, capped at
 /// 5 minutes, with ±25% jitter so jobs that failed together do not retry together. An
 /// exchange's own `Retry-After` wins when it is longer.

@@ -65,7 +65,7 @@ async fn graceful_deploy() {
                     let ids: Vec<String> = sqlx::query_scalar(
                         "SELECT t.id FROM public.tradeeon_jobs t
                            JOIN apalis.jobs a ON convert_from(a.job, 'UTF8')::jsonb ->> 'job_id' = t.id
-                          WHERE a.lock_by LIKE $1 AND a.status = 'Running' AND t.status = 'running'",
+                          WHERE a.lock_by LIKE $1 AND a.status IN ('Queued', 'Running') AND t.status = 'running'",
                     )
                     .bind(pattern)
                     .fetch_all(&pool)

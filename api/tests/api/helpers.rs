@@ -269,7 +269,7 @@ impl TestApp {
         let id: JobId = job_id.parse().expect("job id");
         self.store.claim_job(id).await.expect("claim").expect("claimable");
         let result = CheckResult::success(Duration::from_millis(12), None, vec![]);
-        assert!(self.store.finish_job(id, &JobOutcome::Done(result)).await.expect("finish"));
+        assert!(self.store.finish_job(id, &JobOutcome::Done(result), None).await.expect("finish"));
     }
 
     /// Runs a query returning text rows (`sqlite_sql` binds nothing; both return one text column).

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use super::coalesce::CoalescedStats;
 use super::{AuditEntryInput, Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
 use crate::domain::ConnectionId;
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob};
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob, TicketId};
 
 /// What the metrics report about the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,10 +27,13 @@ pub struct QueueStats {
     pub oldest_queued_age: Option<Duration>,
 }
 
-/// How often apalis itself re-runs a ticket whose handler errored (a database outage while the
-/// worker settles a job). Exchange failures never reach apalis: they are settled or rescheduled
-/// by the worker with backoff.
+/// How often a ticket whose handler errored (a database outage while the worker settles a job)
+/// is run again ([`Store::retry_ticket`]). Exchange failures never come here: they are settled
+/// or rescheduled by the worker with backoff.
 pub(super) const TICKET_MAX_ATTEMPTS: u16 = 25;
+
+/// The longest a ticket handed back by [`Store::retry_ticket`] waits before it is due again.
+pub(super) const TICKET_RETRY_MAX_DELAY_SECONDS: i32 = 30;
 
 /// The second at which a ticket for `run_at` may become due on a queue that counts whole
 /// seconds (apalis-sqlite): rounded *up*, so a retry never starts before the delay it was given
@@ -162,24 +165,45 @@ impl Store {
     }
 
     /// Settles a job with its outcome and wipes its payload. `false` if it was already settled.
+    /// With `ticket`, the ticket that ran the job is acknowledged (deleted) in the same
+    /// statement, whether or not this call settled the job; without one (jobs run without the
+    /// queue, in tests), the queue is not touched.
     #[tracing::instrument(skip_all, fields(job_id = %id), err)]
-    pub async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
-        dispatch!(self, s => s.finish_job(id, outcome).await)
+    pub async fn finish_job(&self, id: JobId, outcome: &JobOutcome, ticket: Option<&TicketId>) -> Result<bool> {
+        dispatch!(self, s => s.finish_job(id, outcome, ticket).await)
     }
 
     /// Puts a running job back in the queue, due at `run_at`, with a new ticket (same
-    /// transaction). `false` if it is not running any more.
+    /// statement, which also acknowledges `ticket`, as [`Store::finish_job`] does). `false` if
+    /// it is not running any more.
     #[tracing::instrument(skip_all, fields(job_id = %id, %run_at), err)]
-    pub async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
-        dispatch!(self, s => s.requeue_job(id, run_at, false).await)
+    pub async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, ticket: Option<&TicketId>) -> Result<bool> {
+        dispatch!(self, s => s.requeue_job(id, run_at, false, ticket).await)
     }
 
     /// Like [`Store::requeue_job`], but the attempt just claimed does not count: nothing reached
     /// the exchange (our own rate limit said "not yet"), so the job must not run out of retries
     /// by waiting for its turn.
     #[tracing::instrument(skip_all, fields(job_id = %id, %run_at), err)]
-    pub async fn defer_job(&self, id: JobId, run_at: DateTime<Utc>) -> Result<bool> {
-        dispatch!(self, s => s.requeue_job(id, run_at, true).await)
+    pub async fn defer_job(&self, id: JobId, run_at: DateTime<Utc>, ticket: Option<&TicketId>) -> Result<bool> {
+        dispatch!(self, s => s.requeue_job(id, run_at, true, ticket).await)
+    }
+
+    /// Acknowledges a ticket whose job needed nothing done (settled already: a duplicate or
+    /// late ticket).
+    #[tracing::instrument(skip_all, fields(%ticket), err)]
+    pub async fn drop_ticket(&self, ticket: &TicketId) -> Result<()> {
+        dispatch!(self, s => s.drop_ticket(ticket).await)
+    }
+
+    /// Hands a ticket back to the queue after its handler could neither settle nor reschedule
+    /// its job (the database failed it mid-way): any worker may fetch it again after a delay
+    /// that doubles with each such attempt, from 2 s up to 30 s, and after 25 attempts it stays
+    /// failed for an operator to see. The job itself was left
+    /// `queued` or `running`, and claiming it again is safe.
+    #[tracing::instrument(skip_all, fields(%ticket), err)]
+    pub async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
+        dispatch!(self, s => s.retry_ticket(ticket).await)
     }
 
     /// How many calls of each coalesced statement were made, in how many statements they ran,
@@ -212,8 +236,8 @@ impl Store {
     /// Puts the queue tickets `worker` still holds back in the queue, for any worker to fetch
     /// now; returns how many. For a worker that has stopped gracefully, after its running jobs
     /// finished: what it still holds was fetched and never run (a fetch cut short by the
-    /// shutdown), or run and settled with the acknowledgement cut short. Either is safe to hand
-    /// out again, since claiming a settled job is a no-op. A ticket whose job is still `running`
+    /// shutdown), or kept by a handler that could not reach the database to hand it back. Either is safe
+    /// to hand out again, since claiming a settled job is a no-op. A ticket whose job is still `running`
     /// stays where it is, so nothing running can be handed out twice. Without this, those
     /// tickets wait for the orphan handover (heartbeat × missed heartbeats, 30 s).
     #[tracing::instrument(skip_all, fields(%worker), err)]

@@ -12,12 +12,14 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
 use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE};
+use crate::jobs::{
+    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
+};
 
 macro_rules! job_columns {
     () => {
@@ -277,14 +279,21 @@ impl PgStore {
         self.batches.claim.call(id).await
     }
 
-    pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
-        self.batches.finish.call((id, outcome.clone())).await
+    pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome, ticket: Option<&TicketId>) -> Result<bool> {
+        self.batches.finish.call((id, outcome.clone(), ticket.cloned())).await
     }
 
-    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
-        // The record and its new ticket in one statement. The ticket is written here rather than
-        // by apalis's `push_tasks`, which takes whole seconds: a retry could then start up to a
-        // second before the delay it was given (an exchange's `Retry-After`, say).
+    pub(super) async fn requeue_job(
+        &self,
+        id: JobId,
+        run_at: DateTime<Utc>,
+        refund_attempt: bool,
+        ran: Option<&TicketId>,
+    ) -> Result<bool> {
+        // The record, its new ticket and the acknowledgement of the old one in one statement. The
+        // ticket is written here rather than by apalis's `push_tasks`, which takes whole
+        // seconds: a retry could then start up to a second before the delay it was given (an
+        // exchange's `Retry-After`, say).
         let ticket = serde_json::to_vec(&JobTicket { job_id: id }).map_err(|e| decode_error("ticket", e))?;
         let requeued: i64 = sqlx::query_scalar(
             "WITH job AS (
@@ -295,6 +304,8 @@ impl PgStore {
              ), ticket AS (
                  INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
                  SELECT $4, $5, $6, 'Pending', 0, $7, job.run_at, 0 FROM job
+             ), acknowledged AS (
+                 DELETE FROM apalis.jobs WHERE id = $8 AND job_type = $5
              )
              SELECT count(*) FROM job",
         )
@@ -305,6 +316,7 @@ impl PgStore {
         .bind(QUEUE)
         .bind(ticket)
         .bind(i32::from(TICKET_MAX_ATTEMPTS))
+        .bind(ran.map(|t| t.0.as_str()))
         .fetch_one(&self.pool)
         .await?;
         if requeued == 1 {
@@ -312,6 +324,32 @@ impl PgStore {
             self.wakeups.send(wakeup_payload(QUEUE, id.0, run_at).into_iter().collect());
         }
         Ok(requeued == 1)
+    }
+
+    pub(super) async fn drop_ticket(&self, ticket: &TicketId) -> Result<()> {
+        sqlx::query("DELETE FROM apalis.jobs WHERE id = $1 AND job_type = $2")
+            .bind(&ticket.0)
+            .bind(QUEUE)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
+        // `Failed` with attempts left is what apalis's own fetch takes again once `run_at` has
+        // passed; with none left it never does.
+        sqlx::query(
+            "UPDATE apalis.jobs
+                SET status = 'Failed', attempts = attempts + 1, lock_by = NULL, lock_at = NULL, done_at = now(),
+                    run_at = now() + make_interval(secs => least($3, 2 ^ (attempts + 1)))
+              WHERE id = $1 AND job_type = $2",
+        )
+        .bind(&ticket.0)
+        .bind(QUEUE)
+        .bind(f64::from(TICKET_RETRY_MAX_DELAY_SECONDS))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {
@@ -385,7 +423,7 @@ pub(super) struct PgBatches {
     enqueue: Coalescer<AuditedJob, Option<JobRecord>>,
     get_job: Coalescer<(JobId, UserId), Option<JobRecord>>,
     claim: Coalescer<JobId, Option<ClaimedJob>>,
-    finish: Coalescer<(JobId, JobOutcome), bool>,
+    finish: Coalescer<(JobId, JobOutcome, Option<TicketId>), bool>,
     pub(super) record_check: Coalescer<CheckWrite, bool>,
 }
 
@@ -466,11 +504,14 @@ async fn get_jobs(db: impl sqlx::PgExecutor<'_>, keys: Vec<(JobId, UserId)>) -> 
 }
 
 // `NO_FLUSH`: the worker's claim and settle statements set `synchronous_commit = off` for their
-// own (implicit) transaction, so they do not each wait for an fsync. That is safe because both
-// are followed by apalis's acknowledgement of the ticket, which commits synchronously: WAL is
-// flushed in order, so once the ack is durable the claim and settle before it are too; a crash
-// before the ack loses at most those two writes, and the ticket — still unacknowledged — runs
-// the job again (claiming and every job are idempotent). The API's writes always flush.
+// own (implicit) transaction, so they do not each wait for an fsync. That is safe because the
+// settle statement is also the ticket's acknowledgement (it deletes the ticket): a database
+// crash before its commit reached the disk (at most three `wal_writer_delay`s, 600 ms by
+// default) loses the settle and the acknowledgement together, so the ticket is still there,
+// locked to a worker whose heartbeats have stopped, and the orphan handover runs the job again
+// (claiming and every job are idempotent). A lost claim leaves the ticket just as it was. The
+// price: a job a client has seen `done` may, after such a crash, be run and settled once more.
+// The API's writes always flush.
 
 /// Takes jobs for running: each is marked `running` and its attempt counted, unless settled.
 async fn claim_jobs(db: impl sqlx::PgExecutor<'_>, ids: Vec<JobId>) -> Result<Vec<Option<ClaimedJob>>> {
@@ -501,12 +542,18 @@ async fn claim_jobs(db: impl sqlx::PgExecutor<'_>, ids: Vec<JobId>) -> Result<Ve
     Ok(in_order(&ids, claimed))
 }
 
-/// Settles jobs with their outcomes and wipes their payloads; `false` for one already settled.
-async fn finish_jobs(db: impl sqlx::PgExecutor<'_>, outcomes: Vec<(JobId, JobOutcome)>) -> Result<Vec<bool>> {
+/// Settles jobs with their outcomes and wipes their payloads, and acknowledges (deletes) the
+/// tickets that ran them; `false` for a job already settled.
+async fn finish_jobs(
+    db: impl sqlx::PgExecutor<'_>,
+    outcomes: Vec<(JobId, JobOutcome, Option<TicketId>)>,
+) -> Result<Vec<bool>> {
     let n = outcomes.len();
     let (mut ids, mut statuses, mut results, mut errors) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    for (id, outcome) in &outcomes {
+    let tickets: Vec<&str> =
+        outcomes.iter().filter_map(|(_, _, ticket)| ticket.as_ref()).map(|t| t.0.as_str()).collect();
+    for (id, outcome, _) in &outcomes {
         ids.push(id.to_string());
         match outcome {
             JobOutcome::Done(result) => {
@@ -522,17 +569,24 @@ async fn finish_jobs(db: impl sqlx::PgExecutor<'_>, outcomes: Vec<(JobId, JobOut
         }
     }
     let settled: Vec<String> = sqlx::query_scalar(
-        "UPDATE public.tradeeon_jobs AS j
-            SET status = o.status, result = o.result, error = o.error, finished_at = now(), payload = NULL
-           FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS o (id, status, result, error),
-                (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
-          WHERE j.id = o.id AND j.status IN ('queued', 'running')
-          RETURNING j.id",
+        "WITH settled AS (
+             UPDATE public.tradeeon_jobs AS j
+                SET status = o.status, result = o.result, error = o.error, finished_at = now(), payload = NULL
+               FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS o (id, status, result, error),
+                    (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
+              WHERE j.id = o.id AND j.status IN ('queued', 'running')
+              RETURNING j.id
+         ), acknowledged AS (
+             DELETE FROM apalis.jobs WHERE id = ANY($5) AND job_type = $6
+         )
+         SELECT id FROM settled",
     )
     .bind(&ids)
     .bind(&statuses)
     .bind(&results)
     .bind(&errors)
+    .bind(&tickets)
+    .bind(QUEUE)
     .fetch_all(db)
     .await?;
     let settled: HashSet<&str> = settled.iter().map(String::as_str).collect();

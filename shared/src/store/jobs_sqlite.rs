@@ -7,11 +7,13 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, due_second};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
 use super::{Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
-use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE};
+use crate::jobs::{
+    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
+};
 
 macro_rules! job_columns {
     () => {
@@ -51,6 +53,17 @@ pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Res
 /// Pushes the apalis ticket inside our transaction. apalis-sqlite keeps its own `push_tasks`
 /// private, so this is the same insert written against its `Jobs` table (the columns of
 /// apalis-sqlite 1.0's migrations; the worker tests fail if a new version changes them).
+/// A worker's acknowledgement of the ticket it ran: the ticket is deleted (the job record keeps
+/// the outcome).
+async fn acknowledge(conn: &mut SqliteConnection, ticket: &TicketId) -> Result<()> {
+    sqlx::query("DELETE FROM Jobs WHERE id = ?1 AND job_type = ?2")
+        .bind(&ticket.0)
+        .bind(QUEUE)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 async fn push_ticket(
     conn: &mut SqliteConnection,
     job_id: JobId,
@@ -176,7 +189,7 @@ impl SqliteStore {
         }))
     }
 
-    pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome) -> Result<bool> {
+    pub(super) async fn finish_job(&self, id: JobId, outcome: &JobOutcome, ticket: Option<&TicketId>) -> Result<bool> {
         let (status, result, error) = match outcome {
             JobOutcome::Done(result) => {
                 (JobStatus::Done, Some(serde_json::to_string(result).map_err(|e| decode_error("result", e))?), None)
@@ -197,11 +210,20 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if let Some(ticket) = ticket {
+            acknowledge(&mut tx, ticket).await?;
+        }
         tx.commit().await?;
         Ok(updated == 1)
     }
 
-    pub(super) async fn requeue_job(&self, id: JobId, run_at: DateTime<Utc>, refund_attempt: bool) -> Result<bool> {
+    pub(super) async fn requeue_job(
+        &self,
+        id: JobId,
+        run_at: DateTime<Utc>,
+        refund_attempt: bool,
+        ran: Option<&TicketId>,
+    ) -> Result<bool> {
         let mut tx = begin_write(&self.pool).await?;
         let updated = sqlx::query(
             "UPDATE tradeeon_jobs SET status = 'queued', run_at = ?2, attempts = attempts - ?3
@@ -216,8 +238,38 @@ impl SqliteStore {
         if updated == 1 {
             push_ticket(&mut tx, id, ulid::Ulid::generate(), run_at).await?;
         }
+        if let Some(ticket) = ran {
+            acknowledge(&mut tx, ticket).await?;
+        }
         tx.commit().await?;
         Ok(updated == 1)
+    }
+
+    pub(super) async fn drop_ticket(&self, ticket: &TicketId) -> Result<()> {
+        let mut tx = begin_write(&self.pool).await?;
+        acknowledge(&mut tx, ticket).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
+        // `Failed` with attempts left is what apalis's own fetch takes again once `run_at` has
+        // passed; with none left it never does.
+        let mut tx = begin_write(&self.pool).await?;
+        sqlx::query(
+            "UPDATE Jobs
+                SET status = 'Failed', attempts = attempts + 1, lock_by = NULL, lock_at = NULL,
+                    done_at = strftime('%s', 'now'),
+                    run_at = strftime('%s', 'now') + min(?3, 1 << min(attempts + 1, 30))
+              WHERE id = ?1 AND job_type = ?2",
+        )
+        .bind(&ticket.0)
+        .bind(QUEUE)
+        .bind(TICKET_RETRY_MAX_DELAY_SECONDS)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {

@@ -4,7 +4,7 @@
 use chrono::{Duration as ChronoDuration, Utc};
 use tradeeon_shared::domain::{AuditAction, Exchange};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
-use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob};
+use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob, TicketId};
 use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError};
 
 use crate::harness::{creds, new_connection, user};
@@ -126,7 +126,7 @@ async fn one_credential_change_per_connection(store: Store) {
 
     // Once the first settles, a rotation is accepted.
     store.claim_job(first.id).await.unwrap().unwrap();
-    store.finish_job(first.id, &JobOutcome::Done(ok_result())).await.unwrap();
+    store.finish_job(first.id, &JobOutcome::Done(ok_result()), None).await.unwrap();
     assert_eq!(store.active_change_job(connection.id).await.unwrap(), None);
     assert!(store.enqueue_job(&rotate).await.unwrap().is_some());
 }
@@ -173,8 +173,8 @@ async fn claim_finish_and_requeue(store: Store) {
 
     // A transient failure: back in the queue for later, with a new ticket.
     let later = Utc::now() + ChronoDuration::seconds(30);
-    assert!(store.requeue_job(test.id, later).await.unwrap());
-    assert!(!store.requeue_job(test.id, later).await.unwrap(), "only a running job is requeued");
+    assert!(store.requeue_job(test.id, later, None).await.unwrap());
+    assert!(!store.requeue_job(test.id, later, None).await.unwrap(), "only a running job is requeued");
     assert_eq!(tickets(&store).await, 2);
     let stats = store.queue_stats().await.unwrap();
     assert_eq!((stats.queued, stats.running, stats.scheduled), (0, 0, 1));
@@ -183,8 +183,8 @@ async fn claim_finish_and_requeue(store: Store) {
     let again = store.claim_job(test.id).await.unwrap().unwrap();
     assert_eq!(again.record.attempts, 2);
     let result = CheckResult::failure(CheckCode::InvalidSignature, "bad", std::time::Duration::from_millis(5));
-    assert!(store.finish_job(test.id, &JobOutcome::Done(result.clone())).await.unwrap());
-    assert!(!store.finish_job(test.id, &JobOutcome::Failed("late".into())).await.unwrap(), "settled once");
+    assert!(store.finish_job(test.id, &JobOutcome::Done(result.clone()), None).await.unwrap());
+    assert!(!store.finish_job(test.id, &JobOutcome::Failed("late".into()), None).await.unwrap(), "settled once");
     assert!(store.claim_job(test.id).await.unwrap().is_none(), "a late ticket finds nothing to run");
 
     let done = store.get_job(&alice, test.id).await.unwrap().unwrap();
@@ -204,7 +204,7 @@ async fn failed_jobs_carry_their_error(store: Store) {
     let connection = store.upsert_connection(&alice, new_connection(Exchange::Binance, "a"), None).await.unwrap();
     let job = store.enqueue_job(&verify_job(&alice, &connection)).await.unwrap().unwrap();
     store.claim_job(job.id).await.unwrap().unwrap();
-    store.finish_job(job.id, &JobOutcome::Failed("superseded".into())).await.unwrap();
+    store.finish_job(job.id, &JobOutcome::Failed("superseded".into()), None).await.unwrap();
     let failed = store.get_job(&alice, job.id).await.unwrap().unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
     assert_eq!(failed.error.as_deref(), Some("superseded"));
@@ -342,7 +342,7 @@ async fn a_retry_is_never_due_before_its_time(store: Store) {
     if later.timestamp_subsec_millis() == 0 {
         later += ChronoDuration::milliseconds(250);
     }
-    assert!(store.requeue_job(job.id, later).await.unwrap());
+    assert!(store.requeue_job(job.id, later, None).await.unwrap());
     let due_at = later.timestamp_micros() as f64 / 1e6;
     let newest: f64 = if let Some(pool) = store.pg_pool() {
         sqlx::query_scalar(
@@ -378,7 +378,7 @@ async fn a_stopped_workers_tickets_go_back_to_the_queue(store: Store) {
     // fetched. All three are locked by "stopping", as apalis's fetch leaves them. The fourth is
     // another worker's.
     store.claim_job(ids[0]).await.unwrap().unwrap();
-    store.finish_job(ids[0], &JobOutcome::Failed("x".into())).await.unwrap();
+    store.finish_job(ids[0], &JobOutcome::Failed("x".into()), None).await.unwrap();
     store.claim_job(ids[1]).await.unwrap().unwrap();
     // Lock a job's ticket to a worker, as apalis's fetch (Queued) and its lock (Running) do.
     let lock = |job_id: String, worker: &'static str, status: &'static str| {
@@ -433,7 +433,105 @@ async fn a_stopped_workers_tickets_go_back_to_the_queue(store: Store) {
     assert_eq!(store.release_tickets("stopping").await.unwrap(), 0);
 }
 
+/// One ticket as the queue holds it: status, attempts, holder, and seconds until it is due.
+#[derive(Debug, PartialEq)]
+struct TicketRow {
+    status: String,
+    attempts: i64,
+    lock_by: Option<String>,
+    due_in: f64,
+}
+
+/// The tickets naming `job`, read straight from the queue's table.
+async fn tickets_of(store: &Store, job: JobId) -> Vec<TicketRow> {
+    let rows: Vec<(String, i64, Option<String>, f64)> = if let Some(pool) = store.pg_pool() {
+        sqlx::query_as(
+            "SELECT status, attempts::int8, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
+              WHERE convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
+        )
+        .bind(job.to_string())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    } else {
+        sqlx::query_as(
+            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
+              WHERE json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
+        )
+        .bind(job.to_string())
+        .fetch_all(store.sqlite_pool().unwrap())
+        .await
+        .unwrap()
+    };
+    rows.into_iter()
+        .map(|(status, attempts, lock_by, due_in)| TicketRow { status, attempts, lock_by, due_in })
+        .collect()
+}
+
+/// The worker acknowledges a ticket in the statement that settles or reschedules its job: the
+/// ticket is gone whether that call settled the job or it was settled before, and a rescheduled
+/// job has a new ticket instead. A ticket for a settled job is dropped on its own; one handed
+/// back after a database failure is due again later, its attempt counted, the delay doubling.
+async fn the_worker_acknowledges_tickets_with_its_writes(store: Store) {
+    let ids = enqueue_tests(&store, "acknowledge", 12).await;
+    // A job's first ticket carries the job's own id.
+    let ticket = |i: usize| TicketId(ids[i].to_string());
+    assert_eq!(tickets(&store).await, 12);
+
+    store.claim_job(ids[0]).await.unwrap().unwrap();
+    assert!(store.finish_job(ids[0], &JobOutcome::Done(ok_result()), Some(&ticket(0))).await.unwrap());
+    assert_eq!(tickets_of(&store, ids[0]).await, vec![]);
+    assert!(store.claim_job(ids[0]).await.unwrap().is_none(), "settled");
+    // A late duplicate settles nothing and still acknowledges its own ticket.
+    store.claim_job(ids[1]).await.unwrap().unwrap();
+    assert!(store.finish_job(ids[1], &JobOutcome::Failed("first".into()), None).await.unwrap());
+    assert_eq!(tickets_of(&store, ids[1]).await.len(), 1, "no ticket named, none touched");
+    assert!(!store.finish_job(ids[1], &JobOutcome::Failed("late".into()), Some(&ticket(1))).await.unwrap());
+    assert_eq!(tickets_of(&store, ids[1]).await, vec![]);
+
+    // Rescheduled: the old ticket goes, a new one is due at the new time.
+    store.claim_job(ids[2]).await.unwrap().unwrap();
+    assert!(store.requeue_job(ids[2], Utc::now() + ChronoDuration::seconds(60), Some(&ticket(2))).await.unwrap());
+    let requeued = tickets_of(&store, ids[2]).await;
+    assert_eq!(requeued.len(), 1);
+    assert_eq!(requeued[0].status, "Pending");
+    assert!(requeued[0].due_in > 55.0, "{requeued:?}");
+    store.claim_job(ids[3]).await.unwrap().unwrap();
+    assert!(store.defer_job(ids[3], Utc::now(), Some(&ticket(3))).await.unwrap());
+    assert_eq!(tickets_of(&store, ids[3]).await.len(), 1);
+    assert_eq!(tickets(&store).await, 10, "rescheduling replaces a ticket one for one");
+
+    // A ticket whose job needs nothing done goes alone; its job record is untouched.
+    store.drop_ticket(&ticket(4)).await.unwrap();
+    assert_eq!(tickets_of(&store, ids[4]).await, vec![]);
+    assert_eq!(store.due_jobs(100).await.unwrap().iter().filter(|id| **id == ids[4]).count(), 1);
+
+    // Handed back: failed with its attempt counted, no one's, due in 2 s, then 4 s.
+    store.retry_ticket(&ticket(5)).await.unwrap();
+    let handed = tickets_of(&store, ids[5]).await;
+    assert_eq!((handed[0].status.as_str(), handed[0].attempts, handed[0].lock_by.as_deref()), ("Failed", 1, None));
+    assert!((1.0..=2.5).contains(&handed[0].due_in), "{handed:?}");
+    store.retry_ticket(&ticket(5)).await.unwrap();
+    let handed = tickets_of(&store, ids[5]).await;
+    assert_eq!(handed[0].attempts, 2);
+    assert!((3.0..=4.5).contains(&handed[0].due_in), "{handed:?}");
+
+    // Settled together (one statement on PostgreSQL), each ticket acknowledged.
+    use futures::future::join_all;
+    let rest: Vec<usize> = (6..12).collect();
+    for i in &rest {
+        store.claim_job(ids[*i]).await.unwrap().unwrap();
+    }
+    let done = JobOutcome::Done(ok_result());
+    let tickets_named: Vec<TicketId> = rest.iter().map(|i| ticket(*i)).collect();
+    let settled =
+        join_all(rest.iter().zip(&tickets_named).map(|(i, t)| store.finish_job(ids[*i], &done, Some(t)))).await;
+    assert!(settled.into_iter().all(|s| s.unwrap()));
+    assert_eq!(tickets(&store).await, 3, "left: the two rescheduled jobs' new tickets and the one handed back");
+}
+
 contract!(
+    the_worker_acknowledges_tickets_with_its_writes,
     a_stopped_workers_tickets_go_back_to_the_queue,
     a_retry_is_never_due_before_its_time,
     a_page_of_jobs_is_enqueued_at_once,
@@ -565,10 +663,10 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
     let outcomes: Vec<JobOutcome> = (0..ids.len())
         .map(|i| if i % 3 == 0 { JobOutcome::Failed(format!("failure {i}")) } else { JobOutcome::Done(ok_result()) })
         .collect();
-    let settled = join_all(ids.iter().zip(&outcomes).map(|(id, outcome)| store.finish_job(*id, outcome))).await;
+    let settled = join_all(ids.iter().zip(&outcomes).map(|(id, outcome)| store.finish_job(*id, outcome, None))).await;
     assert!(settled.iter().all(|s| *s.as_ref().unwrap()), "every job settles once");
     let done = JobOutcome::Done(ok_result());
-    let again = join_all(ids.iter().take(10).map(|id| store.finish_job(*id, &done))).await;
+    let again = join_all(ids.iter().take(10).map(|id| store.finish_job(*id, &done, None))).await;
     assert!(again.iter().all(|s| !*s.as_ref().unwrap()), "settling twice is refused");
     for ((id, outcome), (who, _)) in
         ids.iter().zip(&outcomes).zip(submissions.iter().enumerate().filter(|(i, _)| *i != 75).map(|(_, s)| s))
@@ -654,7 +752,7 @@ async fn job_tables_keep_index_work_down(store: Store) {
     store.claim_job(job.id).await.unwrap().expect("claimed");
     assert!(active().await);
     assert_eq!(store.queue_stats().await.unwrap().running, 1);
-    assert!(store.finish_job(job.id, &JobOutcome::Done(ok_result())).await.unwrap());
+    assert!(store.finish_job(job.id, &JobOutcome::Done(ok_result()), None).await.unwrap());
     assert!(!active().await);
     assert_eq!(store.queue_stats().await.unwrap().running, 0);
 }

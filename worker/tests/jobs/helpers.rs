@@ -129,14 +129,14 @@ impl TestApp {
         let job = self.store.claim_job(id).await.expect("claim")?;
         let step = jobs::run(&self.env, &job).await;
         match &step {
-            Step::Finish(outcome) => assert!(self.store.finish_job(id, outcome).await.expect("finish")),
+            Step::Finish(outcome) => assert!(self.store.finish_job(id, outcome, None).await.expect("finish")),
             Step::Retry { after, .. } => {
                 let run_at = Utc::now() + chrono::Duration::from_std(*after).expect("delay");
-                assert!(self.store.requeue_job(id, run_at).await.expect("requeue"));
+                assert!(self.store.requeue_job(id, run_at, None).await.expect("requeue"));
             }
             Step::Defer { after } => {
                 let run_at = Utc::now() + chrono::Duration::from_std(*after).expect("delay");
-                assert!(self.store.defer_job(id, run_at).await.expect("defer"));
+                assert!(self.store.defer_job(id, run_at, None).await.expect("defer"));
             }
         }
         Some(step)

@@ -115,7 +115,7 @@ async fn budgets_are_enforced_with_small_budgets(store: Store) {
     for _ in 0..tradeeon_shared::jobs::MAX_ATTEMPTS + 2 {
         let job = app.store.claim_job(id).await.unwrap().expect("claimable");
         assert_eq!(job.record.attempts, 1, "a deferral refunds its attempt");
-        assert!(app.store.defer_job(id, chrono::Utc::now()).await.unwrap());
+        assert!(app.store.defer_job(id, chrono::Utc::now(), None).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(done(&app.run_once(id).await).ok);

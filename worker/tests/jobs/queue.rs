@@ -1,5 +1,7 @@
-//! The job runner on the real apalis queue: tickets reach a worker, transient failures come back
-//! later (real backoff, not apalis's immediate retry), duplicate tickets run nothing twice.
+//! The job runner on the real apalis queue: tickets reach a worker and are acknowledged with the
+//! job's outcome, transient failures come back later (real backoff, not apalis's immediate
+//! retry), duplicate tickets run nothing twice, and a ticket whose job the worker cannot carry
+//! through goes back to the queue for later.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +50,8 @@ async fn the_queue_runner_picks_up_and_settles_jobs(store: Store) {
         let result = job.result.unwrap();
         assert!(result.ok, "{result:?}");
         assert_eq!(job.attempts, 1);
+        // Settled and acknowledged in one statement: the ticket is gone with it.
+        assert_eq!(tickets_of(&store, id).await, vec![], "job {id}'s ticket outlived its job");
     }
     let _ = stop_tx.send(());
     tokio::time::timeout(Duration::from_secs(20), runner).await.expect("runner stops on shutdown").unwrap().unwrap();
@@ -88,10 +92,104 @@ async fn a_duplicate_ticket_runs_nothing_twice(store: Store) {
     let app = spawn_app(store.clone()).await;
     let keys = Keys::new(sim_binance::SEEDED_FULL_KEY, sim_binance::SEEDED_FULL_SECRET);
     let id = app.enqueue_test(Exchange::Binance, &keys).await;
-    runtime::process(&app.env, None, id).await.unwrap();
-    runtime::process(&app.env, None, id).await.unwrap();
+    runtime::process(&app.env, None, id, None).await.unwrap();
+    runtime::process(&app.env, None, id, None).await.unwrap();
     assert_eq!(store.get_job(&app.user, id).await.unwrap().unwrap().attempts, 1);
     assert_eq!(app.sim.state.faults.requests(Exchange::Binance).len(), 1);
+}
+
+/// The runner cannot claim a job whose record it cannot read (here: a payload of an unknown
+/// kind). Its ticket is not lost and not retried at once: it goes back to the queue, failed once
+/// and no one's, and comes back after a delay — to fail again, as nothing changed, with the next
+/// delay twice as long. The job record stays unsettled for an operator to see.
+async fn a_ticket_that_cannot_be_carried_through_comes_back_later(store: Store) {
+    let app = spawn_app(store.clone()).await;
+    let keys = Keys::new(sim_binance::SEEDED_FULL_KEY, sim_binance::SEEDED_FULL_SECRET);
+    let id = app.enqueue_test(Exchange::Binance, &keys).await;
+    let unreadable = r#"{"kind":"from_a_future_release"}"#;
+    if let Some(pool) = store.pg_pool() {
+        sqlx::query("UPDATE tradeeon_jobs SET payload = $2::jsonb WHERE id = $1")
+            .bind(id.to_string())
+            .bind(unreadable)
+            .execute(pool)
+            .await
+            .unwrap();
+    } else {
+        sqlx::query("UPDATE tradeeon_jobs SET payload = ?2 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(unreadable)
+            .execute(store.sqlite_pool().unwrap())
+            .await
+            .unwrap();
+    }
+
+    let env = Arc::new(app.env);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(runtime::run_queue(env.clone(), None, fast(), async move {
+        let _ = stop_rx.await;
+    }));
+    let handed_back = Instant::now();
+    let first = wait_for_ticket(&store, id, |t| t.attempts >= 1).await;
+    assert_eq!((first.status.as_str(), first.attempts, first.lock_by.as_deref()), ("Failed", 1, None), "{first:?}");
+    assert!(first.due_in > 0.5, "handed back to run at once: {first:?}");
+    // Fetched again once due (apalis takes failed tickets with attempts left), and handed back
+    // with twice the delay.
+    let second = wait_for_ticket(&store, id, |t| t.attempts >= 2).await;
+    assert!(handed_back.elapsed() >= Duration::from_secs(1), "came back after {:?}", handed_back.elapsed());
+    assert_eq!((second.status.as_str(), second.attempts), ("Failed", 2), "{second:?}");
+    assert!(second.due_in > 2.0, "{second:?}");
+    // Claimed (the record reads `running`), never run, never settled.
+    assert_eq!(store.get_job(&app.user, id).await.unwrap().unwrap().status, JobStatus::Running);
+    assert!(app.sim.state.faults.requests(Exchange::Binance).is_empty());
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(20), runner).await.expect("runner stops on shutdown").unwrap().unwrap();
+}
+
+/// One queue ticket as its table holds it.
+#[derive(Debug, PartialEq)]
+struct Ticket {
+    status: String,
+    attempts: i64,
+    lock_by: Option<String>,
+    /// Seconds until it is due (negative: overdue).
+    due_in: f64,
+}
+
+async fn tickets_of(store: &Store, job: JobId) -> Vec<Ticket> {
+    let rows: Vec<(String, i64, Option<String>, f64)> = if let Some(pool) = store.pg_pool() {
+        sqlx::query_as(
+            "SELECT status, attempts::int8, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
+              WHERE convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
+        )
+        .bind(job.to_string())
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    } else {
+        sqlx::query_as(
+            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
+              WHERE json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
+        )
+        .bind(job.to_string())
+        .fetch_all(store.sqlite_pool().unwrap())
+        .await
+        .unwrap()
+    };
+    rows.into_iter().map(|(status, attempts, lock_by, due_in)| Ticket { status, attempts, lock_by, due_in }).collect()
+}
+
+/// Polls `job`'s one ticket until `ready` holds (for at most 15 s).
+async fn wait_for_ticket(store: &Store, job: JobId, ready: impl Fn(&Ticket) -> bool) -> Ticket {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut tickets = tickets_of(store, job).await;
+        assert_eq!(tickets.len(), 1, "job {job}: {tickets:?}");
+        if ready(&tickets[0]) {
+            return tickets.remove(0);
+        }
+        assert!(Instant::now() < deadline, "job {job}'s ticket: {tickets:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 async fn scheduled_run_at(store: &Store, id: JobId) -> chrono::DateTime<Utc> {
@@ -138,4 +236,5 @@ both_backends!(
     the_queue_runner_picks_up_and_settles_jobs,
     transient_failures_come_back_later_not_at_once,
     a_duplicate_ticket_runs_nothing_twice,
+    a_ticket_that_cannot_be_carried_through_comes_back_later,
 );
