@@ -27,6 +27,19 @@ pub struct QueueStats {
     pub oldest_queued_age: Option<Duration>,
 }
 
+/// One queue ticket naming a job, as the queue's table holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TicketState {
+    /// apalis's status: `Pending`, `Queued` (fetched), `Running`, `Failed`, …
+    pub status: String,
+    /// Times a handler could not carry it through (or its worker died holding it).
+    pub attempts: i64,
+    /// The worker holding it, if any.
+    pub lock_by: Option<String>,
+    /// Seconds until it is due (negative: overdue).
+    pub due_in_seconds: f64,
+}
+
 /// How often a ticket whose handler errored (a database outage while the worker settles a job)
 /// is run again ([`Store::retry_ticket`]). Exchange failures never come here: they are settled
 /// or rescheduled by the worker with backoff.
@@ -225,6 +238,12 @@ impl Store {
     #[tracing::instrument(skip_all, err)]
     pub async fn queue_stats(&self) -> Result<QueueStats> {
         dispatch!(self, s => s.queue_stats().await)
+    }
+
+    /// The queue tickets naming job `id`: none once it is settled, one while it waits or runs.
+    /// For tests and for looking into a stuck job.
+    pub async fn tickets_of_job(&self, id: JobId) -> Result<Vec<TicketState>> {
+        dispatch!(self, s => s.tickets_of_job(id).await)
     }
 
     /// Deletes settled jobs that finished before `older_than`.

@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
 use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
@@ -350,6 +350,26 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    pub(super) async fn tickets_of_job(&self, id: JobId) -> Result<Vec<TicketState>> {
+        let rows: Vec<(String, i32, Option<String>, f64)> = sqlx::query_as(
+            "SELECT status, attempts, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
+              WHERE job_type = $2 AND convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
+        )
+        .bind(id.to_string())
+        .bind(QUEUE)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(status, attempts, lock_by, due_in_seconds)| TicketState {
+                status,
+                attempts: i64::from(attempts),
+                lock_by,
+                due_in_seconds,
+            })
+            .collect())
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, due_second};
+use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
 use super::{Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
@@ -270,6 +270,26 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub(super) async fn tickets_of_job(&self, id: JobId) -> Result<Vec<TicketState>> {
+        let rows: Vec<(String, i64, Option<String>, f64)> = sqlx::query_as(
+            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
+              WHERE job_type = ?2 AND json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
+        )
+        .bind(id.to_string())
+        .bind(QUEUE)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(status, attempts, lock_by, due_in_seconds)| TicketState {
+                status,
+                attempts,
+                lock_by,
+                due_in_seconds,
+            })
+            .collect())
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {

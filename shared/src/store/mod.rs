@@ -366,7 +366,7 @@ mod sweeps;
 mod wakeups;
 
 pub use coalesce::CoalescedStats;
-pub use jobs::{QueueStats, REVOKED_REASON};
+pub use jobs::{QueueStats, REVOKED_REASON, TicketState};
 pub use sweeps::{SweepTarget, sweep_job_key};
 
 impl Store {

@@ -5,7 +5,7 @@ use chrono::{Duration as ChronoDuration, Utc};
 use tradeeon_shared::domain::{AuditAction, Exchange};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
 use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob, TicketId};
-use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError};
+use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError, TicketState};
 
 use crate::harness::{creds, new_connection, user};
 
@@ -433,39 +433,9 @@ async fn a_stopped_workers_tickets_go_back_to_the_queue(store: Store) {
     assert_eq!(store.release_tickets("stopping").await.unwrap(), 0);
 }
 
-/// One ticket as the queue holds it: status, attempts, holder, and seconds until it is due.
-#[derive(Debug, PartialEq)]
-struct TicketRow {
-    status: String,
-    attempts: i64,
-    lock_by: Option<String>,
-    due_in: f64,
-}
-
-/// The tickets naming `job`, read straight from the queue's table.
-async fn tickets_of(store: &Store, job: JobId) -> Vec<TicketRow> {
-    let rows: Vec<(String, i64, Option<String>, f64)> = if let Some(pool) = store.pg_pool() {
-        sqlx::query_as(
-            "SELECT status, attempts::int8, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
-              WHERE convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
-        )
-        .bind(job.to_string())
-        .fetch_all(pool)
-        .await
-        .unwrap()
-    } else {
-        sqlx::query_as(
-            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
-              WHERE json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
-        )
-        .bind(job.to_string())
-        .fetch_all(store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
-    };
-    rows.into_iter()
-        .map(|(status, attempts, lock_by, due_in)| TicketRow { status, attempts, lock_by, due_in })
-        .collect()
+/// The tickets naming `job`.
+async fn tickets_of(store: &Store, job: JobId) -> Vec<TicketState> {
+    store.tickets_of_job(job).await.unwrap()
 }
 
 /// The worker acknowledges a ticket in the statement that settles or reschedules its job: the
@@ -495,7 +465,7 @@ async fn the_worker_acknowledges_tickets_with_its_writes(store: Store) {
     let requeued = tickets_of(&store, ids[2]).await;
     assert_eq!(requeued.len(), 1);
     assert_eq!(requeued[0].status, "Pending");
-    assert!(requeued[0].due_in > 55.0, "{requeued:?}");
+    assert!(requeued[0].due_in_seconds > 55.0, "{requeued:?}");
     store.claim_job(ids[3]).await.unwrap().unwrap();
     assert!(store.defer_job(ids[3], Utc::now(), Some(&ticket(3))).await.unwrap());
     assert_eq!(tickets_of(&store, ids[3]).await.len(), 1);
@@ -510,11 +480,11 @@ async fn the_worker_acknowledges_tickets_with_its_writes(store: Store) {
     store.retry_ticket(&ticket(5)).await.unwrap();
     let handed = tickets_of(&store, ids[5]).await;
     assert_eq!((handed[0].status.as_str(), handed[0].attempts, handed[0].lock_by.as_deref()), ("Failed", 1, None));
-    assert!((1.0..=2.5).contains(&handed[0].due_in), "{handed:?}");
+    assert!((1.0..=2.5).contains(&handed[0].due_in_seconds), "{handed:?}");
     store.retry_ticket(&ticket(5)).await.unwrap();
     let handed = tickets_of(&store, ids[5]).await;
     assert_eq!(handed[0].attempts, 2);
-    assert!((3.0..=4.5).contains(&handed[0].due_in), "{handed:?}");
+    assert!((3.0..=4.5).contains(&handed[0].due_in_seconds), "{handed:?}");
 
     // Settled together (one statement on PostgreSQL), each ticket acknowledged.
     use futures::future::join_all;

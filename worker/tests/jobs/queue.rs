@@ -10,7 +10,7 @@ use chrono::Utc;
 use tradeeon_shared::domain::Exchange;
 use tradeeon_shared::exchanges::CheckCode;
 use tradeeon_shared::jobs::{JobId, JobRecord, JobStatus};
-use tradeeon_shared::store::Store;
+use tradeeon_shared::store::{Store, TicketState};
 use tradeeon_simulator::binance as sim_binance;
 use tradeeon_simulator::{Fault, SimState};
 use tradeeon_worker::runtime::{self, RuntimeSettings};
@@ -131,13 +131,13 @@ async fn a_ticket_that_cannot_be_carried_through_comes_back_later(store: Store) 
     let handed_back = Instant::now();
     let first = wait_for_ticket(&store, id, |t| t.attempts >= 1).await;
     assert_eq!((first.status.as_str(), first.attempts, first.lock_by.as_deref()), ("Failed", 1, None), "{first:?}");
-    assert!(first.due_in > 0.5, "handed back to run at once: {first:?}");
+    assert!(first.due_in_seconds > 0.5, "handed back to run at once: {first:?}");
     // Fetched again once due (apalis takes failed tickets with attempts left), and handed back
     // with twice the delay.
     let second = wait_for_ticket(&store, id, |t| t.attempts >= 2).await;
     assert!(handed_back.elapsed() >= Duration::from_secs(1), "came back after {:?}", handed_back.elapsed());
     assert_eq!((second.status.as_str(), second.attempts), ("Failed", 2), "{second:?}");
-    assert!(second.due_in > 2.0, "{second:?}");
+    assert!(second.due_in_seconds > 2.0, "{second:?}");
     // Claimed (the record reads `running`), never run, never settled.
     assert_eq!(store.get_job(&app.user, id).await.unwrap().unwrap().status, JobStatus::Running);
     assert!(app.sim.state.faults.requests(Exchange::Binance).is_empty());
@@ -145,41 +145,12 @@ async fn a_ticket_that_cannot_be_carried_through_comes_back_later(store: Store) 
     tokio::time::timeout(Duration::from_secs(20), runner).await.expect("runner stops on shutdown").unwrap().unwrap();
 }
 
-/// One queue ticket as its table holds it.
-#[derive(Debug, PartialEq)]
-struct Ticket {
-    status: String,
-    attempts: i64,
-    lock_by: Option<String>,
-    /// Seconds until it is due (negative: overdue).
-    due_in: f64,
-}
-
-async fn tickets_of(store: &Store, job: JobId) -> Vec<Ticket> {
-    let rows: Vec<(String, i64, Option<String>, f64)> = if let Some(pool) = store.pg_pool() {
-        sqlx::query_as(
-            "SELECT status, attempts::int8, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
-              WHERE convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
-        )
-        .bind(job.to_string())
-        .fetch_all(pool)
-        .await
-        .unwrap()
-    } else {
-        sqlx::query_as(
-            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
-              WHERE json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
-        )
-        .bind(job.to_string())
-        .fetch_all(store.sqlite_pool().unwrap())
-        .await
-        .unwrap()
-    };
-    rows.into_iter().map(|(status, attempts, lock_by, due_in)| Ticket { status, attempts, lock_by, due_in }).collect()
+async fn tickets_of(store: &Store, job: JobId) -> Vec<TicketState> {
+    store.tickets_of_job(job).await.unwrap()
 }
 
 /// Polls `job`'s one ticket until `ready` holds (for at most 15 s).
-async fn wait_for_ticket(store: &Store, job: JobId, ready: impl Fn(&Ticket) -> bool) -> Ticket {
+async fn wait_for_ticket(store: &Store, job: JobId, ready: impl Fn(&TicketState) -> bool) -> TicketState {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let mut tickets = tickets_of(store, job).await;
