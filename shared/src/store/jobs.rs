@@ -212,8 +212,8 @@ impl Store {
     /// Hands a ticket back to the queue after its handler could neither settle nor reschedule
     /// its job (the database failed it mid-way): any worker may fetch it again after a delay
     /// that doubles with each such attempt, from 2 s up to 30 s, and after 25 attempts it stays
-    /// failed for an operator to see. The job itself was left
-    /// `queued` or `running`, and claiming it again is safe.
+    /// failed for an operator to see. The job itself was left `queued` or `running`, and
+    /// claiming it again is safe.
     #[tracing::instrument(skip_all, fields(%ticket), err)]
     pub async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
         dispatch!(self, s => s.retry_ticket(ticket).await)
@@ -255,10 +255,10 @@ impl Store {
     /// Puts the queue tickets `worker` still holds back in the queue, for any worker to fetch
     /// now; returns how many. For a worker that has stopped gracefully, after its running jobs
     /// finished: what it still holds was fetched and never run (a fetch cut short by the
-    /// shutdown), or kept by a handler that could not reach the database to hand it back. Either is safe
-    /// to hand out again, since claiming a settled job is a no-op. A ticket whose job is still `running`
-    /// stays where it is, so nothing running can be handed out twice. Without this, those
-    /// tickets wait for the orphan handover (heartbeat × missed heartbeats, 30 s).
+    /// shutdown), or kept by a handler that could not reach the database to hand it back. Either
+    /// is safe to hand out again, since claiming a settled job is a no-op. A ticket whose job is
+    /// still `running` stays where it is, so nothing running can be handed out twice. Without
+    /// this, those tickets wait for the orphan handover (heartbeat × missed heartbeats, 30 s).
     #[tracing::instrument(skip_all, fields(%worker), err)]
     pub async fn release_tickets(&self, worker: &str) -> Result<u64> {
         dispatch!(self, s => s.release_tickets(worker).await)

@@ -404,8 +404,8 @@ impl PgStore {
     }
 
     pub(super) async fn prune_jobs(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        // Tickets that failed for good go with the records (done ones are dropped when apalis
-        // acknowledges them: migration `drop_acknowledged_tickets`).
+        // Tickets that failed for good go with the records (done ones are deleted by the worker's
+        // settle, or by migration `drop_acknowledged_tickets` when apalis acknowledges them).
         Ok(sqlx::query(
             "WITH tickets AS (
                  DELETE FROM apalis.jobs

@@ -50,9 +50,6 @@ pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Res
     Ok(Some(record))
 }
 
-/// Pushes the apalis ticket inside our transaction. apalis-sqlite keeps its own `push_tasks`
-/// private, so this is the same insert written against its `Jobs` table (the columns of
-/// apalis-sqlite 1.0's migrations; the worker tests fail if a new version changes them).
 /// A worker's acknowledgement of the ticket it ran: the ticket is deleted (the job record keeps
 /// the outcome).
 async fn acknowledge(conn: &mut SqliteConnection, ticket: &TicketId) -> Result<()> {
@@ -64,6 +61,9 @@ async fn acknowledge(conn: &mut SqliteConnection, ticket: &TicketId) -> Result<(
     Ok(())
 }
 
+/// Pushes the apalis ticket inside our transaction. apalis-sqlite keeps its own `push_tasks`
+/// private, so this is the same insert written against its `Jobs` table (the columns of
+/// apalis-sqlite 1.0's migrations; the worker tests fail if a new version changes them).
 async fn push_ticket(
     conn: &mut SqliteConnection,
     job_id: JobId,
@@ -336,8 +336,9 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-        // Tickets that failed for good go with the records (done ones are dropped when apalis
-        // acknowledges them: migration `drop_acknowledged_tickets`). apalis counts in seconds.
+        // Tickets that failed for good go with the records (done ones are deleted by the worker's
+        // settle, or by migration `drop_acknowledged_tickets` when apalis acknowledges them).
+        // apalis counts in seconds.
         sqlx::query(
             "DELETE FROM Jobs
               WHERE job_type = ?1 AND done_at < ?2

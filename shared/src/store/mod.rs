@@ -604,8 +604,8 @@ impl Store {
     /// row. `false` (and no history row) if the connection is gone or revoked, or its credentials
     /// changed, or — given `decided_from` — it was checked again or got a new session since. On
     /// PostgreSQL coalesced with concurrent checks' writes into one statement, which does not
-    /// wait for its WAL flush: for jobs only, whose acknowledgement flushes after it (a crash
-    /// before that runs the job again).
+    /// wait for its WAL flush: for jobs only, whose ticket is acknowledged after it (a crash that
+    /// loses this write loses the acknowledgement too, and the job runs again).
     #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
     pub async fn record_check(
         &self,

@@ -595,8 +595,9 @@ pub(super) struct CheckWrite {
 /// `UPDATE … FROM` would apply only one of the two, and not predictably which.
 ///
 /// Not waiting for the WAL flush, like the claim and settle (see `NO_FLUSH` in
-/// jobs_postgres.rs): only jobs record checks, and each job ends with apalis's acknowledgement,
-/// which flushes. A crash before that loses at most this write, and the ticket runs it again.
+/// jobs_postgres.rs): only jobs record checks, and each job ends with its settle, which
+/// acknowledges the ticket. WAL is replayed in order, so a crash that loses this write loses the
+/// acknowledgement after it too, and the ticket runs the job again.
 pub(super) async fn record_checks(conn: &mut PgConnection, writes: Vec<CheckWrite>) -> Result<Vec<bool>> {
     let mut answers = vec![false; writes.len()];
     let mut pending: Vec<usize> = (0..writes.len()).collect();
