@@ -546,7 +546,7 @@ impl Store {
     /// `expected_version`, bumping the version and dropping any Zerodha session, and writes
     /// `audit` in the same transaction. `false` (and no audit row) if the version moved on —
     /// i.e. this swap already happened — or the connection is gone or revoked. Status and
-    /// permissions are left for the caller's [`Store::update_status`].
+    /// permissions are left for the caller's [`Store::record_check`].
     #[tracing::instrument(skip_all, fields(connection_id = %id, expected_version = expected_version), err)]
     pub async fn swap_credentials(
         &self,
@@ -557,14 +557,6 @@ impl Store {
         audit: AuditEntryInput,
     ) -> Result<bool> {
         dispatch!(self, s => s.swap_credentials(id, expected_version, &new, &api_key_hint, audit).await)
-    }
-
-    /// Records a health check's outcome on an active connection (not `updated_at`, which
-    /// tracks changes made by the user). `false` if the connection is gone or revoked, or its
-    /// credentials are no longer those of `update.credentials_version`.
-    #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
-    pub async fn update_status(&self, id: ConnectionId, update: StatusUpdate) -> Result<bool> {
-        dispatch!(self, s => s.update_status(id, &update).await)
     }
 
     /// Writes an audit row on behalf of the connection's owner (e.g. `tested`,
@@ -600,12 +592,14 @@ impl Store {
         dispatch!(self, s => s.record_health(&record).await)
     }
 
-    /// A check's outcome: [`Store::update_status`] and, only if that applied, the health-history
-    /// row. `false` (and no history row) if the connection is gone or revoked, or its credentials
-    /// changed, or — given `decided_from` — it was checked again or got a new session since. On
-    /// PostgreSQL coalesced with concurrent checks' writes into one statement, which does not
-    /// wait for its WAL flush: for jobs only, whose ticket is acknowledged after it (a crash that
-    /// loses this write loses the acknowledgement too, and the job runs again).
+    /// A check's outcome: the connection's status (not `updated_at`, which tracks changes made
+    /// by the user) and, only if that applied, the health-history row. `false` (and no history
+    /// row) if the connection is gone or revoked, or its credentials are no longer those of
+    /// `update.credentials_version`, or — given `decided_from` — it was checked again or got a
+    /// new session since. On PostgreSQL coalesced with concurrent checks' writes into one
+    /// statement, which does not wait for its WAL flush: for jobs only, whose ticket is
+    /// acknowledged after it (a crash that loses this write loses the acknowledgement too, and
+    /// the job runs again).
     #[tracing::instrument(skip_all, fields(connection_id = %id, status = %update.status), err)]
     pub async fn record_check(
         &self,

@@ -281,28 +281,6 @@ impl PgStore {
         Ok(true)
     }
 
-    pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        let updated = sqlx::query(
-            "UPDATE public.exchange_keys SET
-                 status = $2, status_message = $3, last_latency_ms = $4,
-                 permissions = COALESCE($5, permissions), consecutive_failures = $6,
-                 last_checked_at = $7
-             WHERE id = $1 AND is_active AND credentials_version = $8",
-        )
-        .bind(id.0)
-        .bind(update.status.as_str())
-        .bind(update.status_message.as_deref())
-        .bind(update.latency_ms)
-        .bind(update.permissions.map(permissions_json))
-        .bind(update.consecutive_failures)
-        .bind(update.checked_at)
-        .bind(update.credentials_version)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
-    }
-
     pub(super) async fn insert_connection_audit(&self, id: ConnectionId, audit: AuditEntryInput) -> Result<AuditEntry> {
         let mut conn = self.pool.acquire().await?;
         insert_connection_audit(&mut conn, id, &audit).await

@@ -265,10 +265,6 @@ impl SqliteStore {
         Ok(true)
     }
 
-    pub(super) async fn update_status(&self, id: ConnectionId, update: &StatusUpdate) -> Result<bool> {
-        update_status_on(&self.pool, id, update, None).await
-    }
-
     /// [`update_status_on`] and, only if it applied, the history row, in one write transaction.
     pub(super) async fn record_check(
         &self,

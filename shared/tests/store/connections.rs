@@ -9,7 +9,7 @@ use tradeeon_shared::domain::{
 };
 use tradeeon_shared::store::{AuditEntryInput, NewConnection, StatusUpdate, Store, StoreError};
 
-use crate::harness::{creds, new_connection, text, user};
+use crate::harness::{creds, new_connection, record_check, text, user};
 
 async fn upsert_inserts_then_updates_the_same_row(store: Store) {
     let alice = user(&store).await;
@@ -27,21 +27,20 @@ async fn upsert_inserts_then_updates_the_same_row(store: Store) {
     assert!(first.last_checked_at.is_none());
 
     // A health check happens...
-    let checked = store
-        .update_status(
-            first.id,
-            StatusUpdate {
-                status: ConnectionStatus::Error,
-                status_message: Some("bad key".into()),
-                latency_ms: Some(40),
-                permissions: Some(Permissions { read: true, ..Default::default() }),
-                consecutive_failures: 3,
-                checked_at: Utc::now(),
-                credentials_version: first.credentials_version,
-            },
-        )
-        .await
-        .unwrap();
+    let checked = record_check(
+        &store,
+        first.id,
+        StatusUpdate {
+            status: ConnectionStatus::Error,
+            status_message: Some("bad key".into()),
+            latency_ms: Some(40),
+            permissions: Some(Permissions { read: true, ..Default::default() }),
+            consecutive_failures: 3,
+            checked_at: Utc::now(),
+            credentials_version: first.credentials_version,
+        },
+    )
+    .await;
     assert!(checked);
 
     // ...then the user submits new keys for the same exchange: same row, fresh state.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
-use tradeeon_shared::domain::{ApiKeyHint, Exchange, UserId};
-use tradeeon_shared::store::{EncryptedCredentials, NewConnection, Store, UserContext};
+use tradeeon_shared::domain::{ApiKeyHint, ConnectionId, Exchange, UserId};
+use tradeeon_shared::store::{EncryptedCredentials, HealthRecord, NewConnection, StatusUpdate, Store, UserContext};
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DB_PREFIX: &str = "tradeeon_test_";
@@ -226,4 +226,18 @@ pub async fn text(store: &Store, pg_sql: &str, sqlite_sql: &str, bind: &str) -> 
             .await
             .expect("sqlite query")
     }
+}
+
+/// Records a check whose history row says what `update` says, as the worker does; `false` if
+/// it did not apply (a gone or revoked connection, or replaced credentials).
+pub async fn record_check(store: &Store, id: ConnectionId, update: StatusUpdate) -> bool {
+    let health = HealthRecord {
+        connection_id: id,
+        checked_at: update.checked_at,
+        status: update.status,
+        code: None,
+        latency_ms: update.latency_ms,
+        message: update.status_message.clone(),
+    };
+    store.record_check(id, update, health, None).await.unwrap()
 }

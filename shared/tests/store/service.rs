@@ -4,7 +4,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use tradeeon_shared::domain::{ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions};
 use tradeeon_shared::store::{AuditEntryInput, DecidedFrom, HealthRecord, StatusUpdate, Store, StoreError};
 
-use crate::harness::{creds, new_connection, user};
+use crate::harness::{creds, new_connection, record_check, user};
 
 /// Whole seconds, so both backends store the value exactly.
 fn at(secs_ago: i64) -> DateTime<Utc> {
@@ -44,27 +44,26 @@ async fn swap_credentials_is_compare_and_swap(store: Store) {
     assert!(!store.swap_credentials(ConnectionId::new_random(), 1, creds("x"), hint, rotate()).await.unwrap());
 }
 
-async fn update_status_records_a_check(store: Store) {
+async fn a_check_records_the_connection_state(store: Store) {
     let alice = user(&store).await;
     let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "s"), None).await.unwrap();
     let permissions = Permissions { read: true, trade: true, withdraw: false, ip_restricted: true };
     let checked_at = at(5);
     assert!(
-        store
-            .update_status(
-                conn.id,
-                StatusUpdate {
-                    status: ConnectionStatus::Connected,
-                    status_message: None,
-                    latency_ms: Some(123),
-                    permissions: Some(permissions),
-                    consecutive_failures: 0,
-                    checked_at,
-                    credentials_version: conn.credentials_version,
-                },
-            )
-            .await
-            .unwrap()
+        record_check(
+            &store,
+            conn.id,
+            StatusUpdate {
+                status: ConnectionStatus::Connected,
+                status_message: None,
+                latency_ms: Some(123),
+                permissions: Some(permissions),
+                consecutive_failures: 0,
+                checked_at,
+                credentials_version: conn.credentials_version,
+            },
+        )
+        .await
     );
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Connected);
@@ -75,21 +74,20 @@ async fn update_status_records_a_check(store: Store) {
 
     // A failed check without permission info keeps the last known permissions.
     assert!(
-        store
-            .update_status(
-                conn.id,
-                StatusUpdate {
-                    status: ConnectionStatus::Degraded,
-                    status_message: Some("timeout".into()),
-                    latency_ms: None,
-                    permissions: None,
-                    consecutive_failures: 2,
-                    checked_at: at(1),
-                    credentials_version: conn.credentials_version,
-                },
-            )
-            .await
-            .unwrap()
+        record_check(
+            &store,
+            conn.id,
+            StatusUpdate {
+                status: ConnectionStatus::Degraded,
+                status_message: Some("timeout".into()),
+                latency_ms: None,
+                permissions: None,
+                consecutive_failures: 2,
+                checked_at: at(1),
+                credentials_version: conn.credentials_version,
+            },
+        )
+        .await
     );
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_eq!(record.status, ConnectionStatus::Degraded);
@@ -112,7 +110,7 @@ async fn update_status_records_a_check(store: Store) {
         checked_at: at(0),
         credentials_version: version,
     };
-    assert!(!store.update_status(conn.id, stale).await.unwrap(), "stale credentials_version");
+    assert!(!record_check(&store, conn.id, stale).await, "stale credentials_version");
     let record = store.get_connection(&alice, conn.id).await.unwrap().unwrap();
     assert_ne!(record.status, ConnectionStatus::Error);
     let conn = record;
@@ -127,8 +125,8 @@ async fn update_status_records_a_check(store: Store) {
         checked_at: at(0),
         credentials_version: conn.credentials_version,
     };
-    assert!(!store.update_status(conn.id, update.clone()).await.unwrap(), "revoked");
-    assert!(!store.update_status(ConnectionId::new_random(), update).await.unwrap(), "unknown");
+    assert!(!record_check(&store, conn.id, update.clone()).await, "revoked");
+    assert!(!record_check(&store, ConnectionId::new_random(), update).await, "unknown");
 }
 
 /// A check's status and its history row are written together or not at all: a stale credentials
@@ -440,7 +438,7 @@ async fn worker_audit_rows_belong_to_the_connection_owner(store: Store) {
 
 contract!(
     swap_credentials_is_compare_and_swap,
-    update_status_records_a_check,
+    a_check_records_the_connection_state,
     record_check_writes_status_and_history_together,
     a_check_applies_only_to_the_state_it_was_decided_from,
     concurrent_checks_are_written_together_each_with_its_own_answer,
