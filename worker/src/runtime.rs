@@ -236,7 +236,7 @@ async fn run_worker(
         shutdown.await;
         Ok::<(), WorkerError>(())
     };
-    if let Some(pool) = store.pg_pool() {
+    if let Some(pool) = store.queue_pg_pool() {
         let config = apalis_postgres::Config::default()
             .queue(QUEUE)
             .batch_size(fetch_batch(settings))

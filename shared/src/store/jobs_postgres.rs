@@ -255,7 +255,7 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord> {
 
 impl PgStore {
     pub(super) async fn begin_service(&self) -> Result<ServiceTx> {
-        let tx = self.pool.begin().await?;
+        let tx = super::postgres::begin(&self.pool).await?;
         Ok(ServiceTx::Postgres(PgServiceTx { tx, wakeups: self.wakeups.clone(), due_tickets: Vec::new() }))
     }
 

@@ -396,10 +396,20 @@ impl Store {
         }
     }
 
-    /// The PostgreSQL pool, for the job queue (apalis) to share.
+    /// The store's PostgreSQL pool (for tests and tools that inspect the database directly).
     pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
         match &self.inner {
             Inner::Postgres(s) => Some(&s.pool),
+            Inner::Sqlite(_) => None,
+        }
+    }
+
+    /// The PostgreSQL pool the job queue (apalis) runs on: its own, apart from the store's, so
+    /// that a statement of apalis's cancelled mid-transaction cannot strand one of the store's
+    /// statements in that transaction (see `QUEUE_POOL_CONNECTIONS` in `postgres.rs`).
+    pub fn queue_pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.inner {
+            Inner::Postgres(s) => Some(&s.queue_pool),
             Inner::Sqlite(_) => None,
         }
     }
@@ -424,9 +434,15 @@ impl Store {
         dispatch!(self, s => s.migrate().await)
     }
 
-    /// Closes the pool, waiting for checked-out connections to come back.
+    /// Closes the pools, waiting for checked-out connections to come back.
     pub async fn close(&self) {
-        dispatch!(self, s => s.pool.close().await)
+        match &self.inner {
+            Inner::Postgres(s) => {
+                s.queue_pool.close().await;
+                s.pool.close().await;
+            }
+            Inner::Sqlite(s) => s.pool.close().await,
+        }
     }
 
     // ---------------------------------------------------------------------------------------
