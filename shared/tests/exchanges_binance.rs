@@ -21,11 +21,12 @@ use tradeeon_simulator::{Fault, SimState, Simulator};
 
 type AcquireHook = Box<dyn Fn(usize, &LimitKey) + Send + Sync>;
 
-/// A gate that records what it was asked and told, can be paused, and can run a hook on every
-/// acquire (the n-th, from 1).
+/// A gate that records what it was asked and told, can be paused, can hold each request before
+/// letting it through, and can run a hook on every acquire (the n-th, from 1).
 #[derive(Default)]
 struct RecordingGate {
     paused_for: Mutex<Option<Duration>>,
+    holds_for: Mutex<Option<Duration>>,
     acquired: Mutex<Vec<(LimitKey, u32)>>,
     reports: Mutex<Vec<(LimitKey, LimitFeedback)>>,
     on_acquire: Mutex<Option<AcquireHook>>,
@@ -52,7 +53,13 @@ impl RateGate for RecordingGate {
             hook(n, key);
         }
         let paused = *self.paused_for.lock().unwrap();
-        Box::pin(async move { paused.map_or(Ok(()), Err) })
+        let holds_for = *self.holds_for.lock().unwrap();
+        Box::pin(async move {
+            if let Some(hold) = holds_for {
+                tokio::time::sleep(hold).await;
+            }
+            paused.map_or(Ok(()), Err)
+        })
     }
 
     fn report(&self, key: &LimitKey, feedback: LimitFeedback) {
@@ -257,6 +264,18 @@ async fn clock_skew_is_corrected_from_server_time_and_remembered() {
     assert_code(&h.check(&key).await, CheckCode::Ok);
     assert_eq!(h.paths_requested(), [SAPI, TIME, SAPI]);
     assert!((28_000..=32_000).contains(&h.client.time_offset_ms()));
+}
+
+/// A request the rate gate held back longer than Binance's 5-second receive window is signed
+/// when it leaves, not when it queued: it passes at once, with no `-1021` and no time resync
+/// spending the budget twice.
+#[tokio::test]
+async fn a_request_held_by_the_rate_gate_is_signed_when_it_leaves() {
+    let h = Harness::start().await;
+    *h.gate.holds_for.lock().unwrap() = Some(Duration::from_millis(5_300));
+    let result = h.check(&creds(SEEDED_FULL_KEY, SEEDED_FULL_SECRET)).await;
+    assert_code(&result, CheckCode::Ok);
+    assert_eq!(h.paths_requested(), vec![SAPI.to_string()], "one signed request, nothing else");
 }
 
 #[tokio::test]

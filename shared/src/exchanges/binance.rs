@@ -200,12 +200,14 @@ impl BinanceClient {
         }
     }
 
-    /// Asks the gate, sends one GET and classifies the answer. Every failure that ends the check
-    /// (paused bucket, transport, 429/418, 5xx, unreadable body) is `Err`.
+    /// Asks the gate, sends one GET — signed with `secret`, if given, once the gate has let it
+    /// through: the gate may hold a request for seconds, longer than Binance's receive window —
+    /// and classifies the answer. Every failure that ends the check (paused bucket, transport,
+    /// 429/418, 5xx, unreadable body) is `Err`.
     async fn send(
         &self,
         path: &str,
-        query: Option<&str>,
+        secret: Option<&str>,
         api_key: Option<&HeaderValue>,
         bucket: Bucket,
         weight: u32,
@@ -221,7 +223,7 @@ impl BinanceClient {
         }
 
         let mut url = self.endpoint(path);
-        url.set_query(query);
+        url.set_query(secret.map(|secret| self.signed_query(secret)).as_deref());
         let mut request = self.ctx.http.get(url);
         if let Some(key) = api_key {
             request = request.header(API_KEY_HEADER, key.clone());
@@ -333,8 +335,8 @@ impl BinanceClient {
     ) -> Step<Reply> {
         let mut resynced = false;
         loop {
-            let query = self.signed_query(credentials.api_secret.expose());
-            let sent = self.send(path, Some(&query), Some(api_key), bucket, weight, started).await?;
+            let secret = Some(credentials.api_secret.expose());
+            let sent = self.send(path, secret, Some(api_key), bucket, weight, started).await?;
             match sent.reply {
                 Reply::Error { code: -1021, .. } if !resynced => {
                     self.resync_clock(started).await?;

@@ -433,21 +433,33 @@ impl CoinbaseClient {
         if api_key.is_empty() {
             return CheckResult::failure(CheckCode::InvalidCredentials, "The API key is empty.", started.elapsed());
         }
-        let timestamp = chrono::Utc::now().timestamp().to_string();
         let url = endpoint(&self.exchange_base, ACCOUNTS_PATH);
-        let Some(signature) = exchange_signature(credentials.api_secret.expose(), &timestamp, "GET", url.path(), "")
-        else {
-            return CheckResult::failure(
+        let sign_now = || {
+            let timestamp = chrono::Utc::now().timestamp().to_string();
+            exchange_signature(credentials.api_secret.expose(), &timestamp, "GET", url.path(), "")
+                .map(|signature| (timestamp, signature))
+        };
+        let invalid_secret = || {
+            CheckResult::failure(
                 CheckCode::InvalidCredentials,
                 "The API secret is not valid base64. Paste it exactly as Coinbase Exchange showed it when the key was \
                  created.",
                 started.elapsed(),
-            );
+            )
         };
+        // A secret that cannot sign fails here, before it spends any of the rate budget.
+        if sign_now().is_none() {
+            return invalid_secret();
+        }
         let limit_key = Self::limit_key(credentials);
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
             return paused(wait, started);
         }
+        // Signed once the gate has let the request through: it may have held it for seconds, and
+        // Coinbase refuses a timestamp more than 30 s old.
+        let Some((timestamp, signature)) = sign_now() else {
+            return invalid_secret();
+        };
         let request = self
             .ctx
             .http
