@@ -482,6 +482,11 @@ impl WorkerMetrics {
         }
     }
 
+    /// Job attempts of `kind` finished with `outcome` since start (`tradeeon_jobs_total`).
+    pub fn jobs_finished(&self, kind: JobKind, outcome: &str) -> u64 {
+        self.jobs.with_label_values(&[kind.as_str(), outcome]).get()
+    }
+
     /// A credential check against `exchange` reached `code` after `latency`.
     pub fn check_recorded(&self, exchange: Exchange, code: CheckCode, latency: Duration) {
         self.checks.with_label_values(&[exchange.as_str(), code.as_str()]).inc();
