@@ -28,7 +28,7 @@ pub struct QueueStats {
 }
 
 /// One queue ticket naming a job, as the queue's table holds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct TicketState {
     /// apalis's status: `Pending`, `Queued` (fetched), `Running`, `Failed`, …
     pub status: String,

@@ -353,23 +353,16 @@ impl PgStore {
     }
 
     pub(super) async fn tickets_of_job(&self, id: JobId) -> Result<Vec<TicketState>> {
-        let rows: Vec<(String, i32, Option<String>, f64)> = sqlx::query_as(
-            "SELECT status, attempts, lock_by, extract(epoch FROM run_at - now())::float8 FROM apalis.jobs
+        Ok(sqlx::query_as(
+            "SELECT status, attempts::int8 AS attempts, lock_by,
+                    extract(epoch FROM run_at - now())::float8 AS due_in_seconds
+               FROM apalis.jobs
               WHERE job_type = $2 AND convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
         )
         .bind(id.to_string())
         .bind(QUEUE)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(status, attempts, lock_by, due_in_seconds)| TicketState {
-                status,
-                attempts: i64::from(attempts),
-                lock_by,
-                due_in_seconds,
-            })
-            .collect())
+        .await?)
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {

@@ -273,23 +273,15 @@ impl SqliteStore {
     }
 
     pub(super) async fn tickets_of_job(&self, id: JobId) -> Result<Vec<TicketState>> {
-        let rows: Vec<(String, i64, Option<String>, f64)> = sqlx::query_as(
-            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) FROM Jobs
+        Ok(sqlx::query_as(
+            "SELECT status, attempts, lock_by, CAST(run_at - strftime('%s', 'now') AS REAL) AS due_in_seconds
+               FROM Jobs
               WHERE job_type = ?2 AND json_extract(CAST(job AS TEXT), '$.job_id') = ?1",
         )
         .bind(id.to_string())
         .bind(QUEUE)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(status, attempts, lock_by, due_in_seconds)| TicketState {
-                status,
-                attempts,
-                lock_by,
-                due_in_seconds,
-            })
-            .collect())
+        .await?)
     }
 
     pub(super) async fn due_jobs(&self, limit: i64) -> Result<Vec<JobId>> {
