@@ -58,9 +58,22 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long fetching the Supabase JWKS may take.
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What every handler can reach. Cheap to clone (everything inside is reference-counted).
+/// What every handler can reach. Cloning it is one reference count: axum clones the state for
+/// every extractor of every request, and a struct of a dozen `Arc`s cost measurably more.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<SharedState>);
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Clone)]
+pub struct SharedState {
     pub store: Store,
     /// Encrypts incoming credentials. The API holds the keys but never decrypts stored secrets.
     pub keyring: Arc<Keyring>,
@@ -111,7 +124,7 @@ impl AppState {
             );
         }
         let metrics = ApiMetrics::register(&registry).context("could not register the API metrics")?;
-        Ok(Self {
+        Ok(Self(Arc::new(SharedState {
             store,
             keyring,
             registry,
@@ -127,12 +140,12 @@ impl AppState {
             users: Arc::new(SeenUsers::default()),
             login_states: Arc::new(StateSigner::from_vault_config(&config.vault)),
             local_sign_in: None,
-        })
+        })))
     }
 
     /// Turns on the web UI's local sign-in (see [`ui`]); `config.auth.jwt_secret` must be its secret.
     pub fn with_local_sign_in(mut self, local: Arc<ui::LocalSignIn>) -> Self {
-        self.local_sign_in = Some(local);
+        Arc::make_mut(&mut self.0).local_sign_in = Some(local);
         self
     }
 }

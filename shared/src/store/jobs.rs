@@ -116,7 +116,7 @@ impl Store {
         if audit.connection_id.is_some() {
             return Err(StoreError::NotFound);
         }
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => jobs_postgres::enqueue_with_audit(s, user, audit, job).await,
             Inner::Sqlite(_) => {
                 let mut tx = self.begin_user(user).await?;
@@ -136,7 +136,7 @@ impl Store {
     /// already are skipped; returns how many were enqueued.
     #[tracing::instrument(skip_all, fields(jobs = jobs.len()), err)]
     pub async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<usize> {
-        if let Inner::Postgres(s) = &self.inner {
+        if let Inner::Postgres(s) = &*self.inner {
             return jobs_postgres::insert_jobs(s, jobs).await;
         }
         let mut tx = self.begin_service().await?;
@@ -223,7 +223,7 @@ impl Store {
     /// and where their time went (PostgreSQL only; see `store::coalesce`): for benchmarks and
     /// tests.
     pub fn coalesced_statements(&self) -> Vec<CoalescedStats> {
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => s.batches.stats().to_vec(),
             Inner::Sqlite(_) => Vec::new(),
         }

@@ -32,7 +32,7 @@ impl Store {
     /// the process first, so that waiting for a busy key costs one connection, not one per job.
     #[tracing::instrument(skip_all, fields(key = %key_fingerprint), err)]
     pub async fn lease_kraken_nonce(&self, key_fingerprint: &str) -> Result<Option<KrakenNonceLease>> {
-        let Inner::Postgres(pg) = &self.inner else { return Ok(None) };
+        let Inner::Postgres(pg) = &*self.inner else { return Ok(None) };
         let lock_name = format!("{LOCK_NAMESPACE}{key_fingerprint}");
         // From here on, a cancelled future or an error drops the guard, which closes the
         // connection unless it is known to hold no lock: the server then releases whatever
@@ -62,7 +62,7 @@ impl Store {
     /// always on SQLite). For tests and diagnostics.
     #[tracing::instrument(skip_all, fields(key = %key_fingerprint), err)]
     pub async fn last_kraken_nonce(&self, key_fingerprint: &str) -> Result<Option<u64>> {
-        let Inner::Postgres(pg) = &self.inner else { return Ok(None) };
+        let Inner::Postgres(pg) = &*self.inner else { return Ok(None) };
         let last: Option<i64> =
             sqlx::query_scalar("SELECT last_nonce FROM public.kraken_nonces WHERE key_fingerprint = $1")
                 .bind(key_fingerprint)

@@ -21,6 +21,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -335,10 +336,11 @@ fn clamp_limit(limit: u32) -> i64 {
     i64::from(limit.min(MAX_PAGE_SIZE))
 }
 
-/// Handle to the database. Cloning is cheap (it clones a pool handle).
+/// Handle to the database. Cloning is cheap: one reference count, however many pools and
+/// batching lanes are inside (the API clones it with its state on every request).
 #[derive(Clone, Debug)]
 pub struct Store {
-    inner: Inner,
+    inner: Arc<Inner>,
 }
 
 #[derive(Clone, Debug)]
@@ -349,7 +351,7 @@ enum Inner {
 
 macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
-        match &$self.inner {
+        match &*$self.inner {
             Inner::Postgres($s) => $call,
             Inner::Sqlite($s) => $call,
         }
@@ -386,11 +388,11 @@ impl Store {
             let scheme = url::Url::parse(url).ok().map(|u| u.scheme().to_owned());
             return Err(StoreError::UnsupportedUrl { scheme });
         };
-        Ok(Store { inner })
+        Ok(Store { inner: Arc::new(inner) })
     }
 
     pub fn backend(&self) -> Backend {
-        match self.inner {
+        match *self.inner {
             Inner::Postgres(_) => Backend::Postgres,
             Inner::Sqlite(_) => Backend::Sqlite,
         }
@@ -398,7 +400,7 @@ impl Store {
 
     /// The store's PostgreSQL pool (for tests and tools that inspect the database directly).
     pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => Some(&s.pool),
             Inner::Sqlite(_) => None,
         }
@@ -408,7 +410,7 @@ impl Store {
     /// that a statement of apalis's cancelled mid-transaction cannot strand one of the store's
     /// statements in that transaction (see `QUEUE_POOL_CONNECTIONS` in `postgres.rs`).
     pub fn queue_pg_pool(&self) -> Option<&sqlx::PgPool> {
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => Some(&s.queue_pool),
             Inner::Sqlite(_) => None,
         }
@@ -416,7 +418,7 @@ impl Store {
 
     /// The SQLite pool, for the job queue (apalis) to share.
     pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
-        match &self.inner {
+        match &*self.inner {
             Inner::Sqlite(s) => Some(&s.pool),
             Inner::Postgres(_) => None,
         }
@@ -436,7 +438,7 @@ impl Store {
 
     /// Closes the pools, waiting for checked-out connections to come back.
     pub async fn close(&self) {
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => {
                 s.queue_pool.close().await;
                 s.pool.close().await;
@@ -453,7 +455,7 @@ impl Store {
     /// set, so RLS applies). Dropping it without [`UserTx::commit`] rolls back.
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id), err)]
     pub async fn begin_user(&self, user: &UserContext) -> Result<UserTx> {
-        let tx = match &self.inner {
+        let tx = match &*self.inner {
             Inner::Postgres(s) => Tx::Postgres(postgres::begin_user(&s.pool, user).await?, s.wakeups.clone()),
             Inner::Sqlite(s) => Tx::Sqlite(sqlite::begin_write(&s.pool).await?),
         };
@@ -624,7 +626,7 @@ impl Store {
         health: HealthRecord,
         decided_from: Option<DecidedFrom>,
     ) -> Result<bool> {
-        match &self.inner {
+        match &*self.inner {
             Inner::Postgres(s) => s.record_check(postgres::CheckWrite { id, update, health, decided_from }).await,
             Inner::Sqlite(s) => s.record_check(id, &update, &health, decided_from).await,
         }
