@@ -5,6 +5,11 @@ mod cli;
 
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc's malloc: the API allocates per request (JSON, HTTP buffers, job
+/// records) from many threads at once, where glibc's arenas cost ~9 % of its CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     cli::main()
 }

@@ -18,6 +18,10 @@ use tradeeon_shared::config::Config;
 use tradeeon_shared::store::Store;
 use tradeeon_shared::vault::Keyring;
 
+/// The allocator of the `tradeeon` binary, so the server here runs as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const JWT_SECRET: &str = "bench-supabase-jwt-secret-0123456789abcdef";
 
 fn main() -> anyhow::Result<()> {
@@ -31,9 +35,14 @@ fn main() -> anyhow::Result<()> {
     let pool: u32 = args.get(4).map_or(Ok(10), |s| s.parse())?;
 
     // The server gets a runtime of its own, as it would in its own process.
-    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let server_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("api-server").enable_all().build()?;
     let (addr, store) = server_rt.block_on(start_server(&database_url, pool))?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("load-client")
+        .enable_all()
+        .build()?;
     client_rt.block_on(drive(addr, clients, Duration::from_secs(seconds), pool, &store))?;
     server_rt.block_on(store.close());
     Ok(())
