@@ -702,6 +702,20 @@ async fn job_tables_keep_index_work_down(store: Store) {
     .unwrap();
     assert!(duplicated.is_empty(), "apalis.jobs indexes maintained twice: {duplicated:?}");
 
+    // Indexes only ever searched for a value hold no entry for the NULL that every queued ticket
+    // and every `tested` audit row has there (migration `skip_null_index_entries`).
+    let holding_nulls: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM unnest(ARRAY['apalis.idx_apalis_jobs_lock_by', 'apalis.idx_jobs_idempotency_key',
+                                      'connection_audit_log_connection_idx']) AS name
+          WHERE NOT EXISTS (SELECT 1 FROM pg_index
+                             WHERE indexrelid = to_regclass(name)
+                               AND pg_get_expr(indpred, indrelid) LIKE '%IS NOT NULL%')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(holding_nulls.is_empty(), "indexes that hold an entry for every NULL: {holding_nulls:?}");
+
     // A claimed job is still "active" for the one-change-per-connection rule and the queue
     // depth, and a settled one is not.
     let alice = user(&store).await;
