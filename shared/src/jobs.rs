@@ -156,12 +156,30 @@ impl FromStr for JobStatus {
     }
 }
 
+/// Who asked for a `test` job. Its `tested` audit entry is written when the job settles, in the
+/// same statement (transaction, on SQLite), with the verdict: the request itself writes only the job record and its
+/// ticket (`POST /connections/test` is the endpoint the portal's "Test" button hammers), and the
+/// entry says what the test found, not just that one was asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub ip_address: Option<std::net::IpAddr>,
+    pub user_agent: Option<String>,
+}
+
 /// What a job needs to run. Credentials appear only as Fernet tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobPayload {
-    /// Check credentials that are not stored anywhere else.
-    Test { exchange: Exchange, credentials: EncryptedCredentials },
+    /// Check credentials that are not stored anywhere else. `requested_by`: the request's
+    /// client, for the `tested` audit entry written when the job settles (see
+    /// [`Requester`]); `None` for jobs enqueued without one (and by earlier releases, which
+    /// audited at request time).
+    Test {
+        exchange: Exchange,
+        credentials: EncryptedCredentials,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_by: Option<Requester>,
+    },
     /// Check the stored credentials of a connection, as of `credentials_version` (a result for
     /// older credentials is never applied to newer ones).
     Verify { connection_id: ConnectionId, credentials_version: i32 },
@@ -309,6 +327,7 @@ mod tests {
                 api_secret: "gAAAAA-secret".into(),
                 passphrase: None,
             },
+            requested_by: None,
         };
         let json = serde_json::to_value(&payload).unwrap();
         assert_eq!(json["kind"], "test");

@@ -97,6 +97,11 @@ export function auditDetails(entry) {
   const parts = [];
   if (d.stage === 'submitted' && entry.action === 'connected') parts.push('Keys saved; verification queued');
   if (d.stage === 'submitted' && entry.action === 'tested') parts.push('Keys submitted for a test (not saved)');
+  // Written when the test settles: `ok` is the verdict; `failed` means it could not be run.
+  if (d.stage === 'finished' && entry.action === 'tested') {
+    if (d.outcome === 'failed') parts.push('The test could not be carried out');
+    else parts.push(d.ok ? 'The keys work (not saved)' : 'The keys failed the test (not saved)');
+  }
   if (d.stage === 'login_started') parts.push('Kite login started');
   if (entry.action === 'status_changed' && d.from && d.to) parts.push(`${STATUS[d.from]?.label ?? d.from} → ${STATUS[d.to]?.label ?? d.to}`);
   if (entry.action !== 'status_changed' && d.status) parts.push(`status ${STATUS[d.status]?.label ?? d.status}`);

@@ -23,7 +23,7 @@ use apalis::prelude::*;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tradeeon_shared::config::{ExchangeEndpoints, WorkerConfig};
 use tradeeon_shared::domain::{Exchange, UserId};
-use tradeeon_shared::jobs::{JobId, JobKind, JobPayload, JobTicket, NewJob};
+use tradeeon_shared::jobs::{JobId, JobKind, JobPayload, JobTicket, NewJob, Requester};
 use tradeeon_shared::store::{EncryptedCredentials, Store, UserContext};
 use tradeeon_shared::vault::{Keyring, SecretValue};
 use tradeeon_simulator::{SimState, Simulator, binance as sim_binance};
@@ -156,7 +156,15 @@ async fn enqueue_test_jobs(store: &Store, keyring: &Keyring, n: usize) -> anyhow
             NewJob::new(
                 user.user_id,
                 Exchange::Binance,
-                JobPayload::Test { exchange: Exchange::Binance, credentials: credentials.clone() },
+                // As the API enqueues them: the settle writes each one's `tested` audit entry.
+                JobPayload::Test {
+                    exchange: Exchange::Binance,
+                    credentials: credentials.clone(),
+                    requested_by: Some(Requester {
+                        ip_address: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+                        user_agent: Some("bench".into()),
+                    }),
+                },
             )
         })
         .collect();

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 use tradeeon_shared::domain::{ApiKeyHint, AuditAction};
-use tradeeon_shared::jobs::{JobPayload, NewJob};
+use tradeeon_shared::jobs::{JobPayload, NewJob, Requester};
 use tradeeon_shared::store::{AuditCursor, MAX_PAGE_SIZE, NewConnection, REVOKED_REASON};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -135,17 +135,14 @@ async fn test_connection(
     let credentials = validate::credentials(exchange, &body.api_key, &body.api_secret, body.passphrase.as_ref())?;
     // Accepted for symmetry with POST /connections; a test stores nothing to name.
     validate::nickname(body.nickname)?;
-    let job =
-        NewJob::new(user.id(), exchange, JobPayload::Test { exchange, credentials: encrypt(&state, &credentials) });
+    // The `tested` audit entry is written with the verdict when the job settles (it carries the
+    // requester for that): the request itself is one statement on PostgreSQL, shared with
+    // concurrent ones, as this is the endpoint the portal's "Test" button hammers.
+    let requested_by = Some(Requester { ip_address: meta.ip, user_agent: meta.user_agent });
+    let payload = JobPayload::Test { exchange, credentials: encrypt(&state, &credentials), requested_by };
     drop(credentials);
-
-    // One statement on PostgreSQL: this is the endpoint the portal's "Test" button hammers.
-    let audit = meta.audit(
-        AuditAction::Tested,
-        None,
-        json!({ "stage": "submitted", "exchange": exchange.as_str(), "job_id": job.id }),
-    );
-    let job = state.store.enqueue_with_audit(&user.0, &audit, &job).await?.ok_or_else(unexpected_duplicate)?;
+    let job = NewJob::new(user.id(), exchange, payload);
+    let job = state.store.enqueue_job(&job).await?.ok_or_else(unexpected_duplicate)?;
     state.metrics.job_enqueued(job.kind);
     Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
 }

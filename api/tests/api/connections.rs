@@ -173,11 +173,22 @@ async fn test_stores_nothing_and_enqueues_encrypted_credentials(app: TestApp) {
     for plain in ["kraken-key-plain", "c2VjcmV0LXBsYWlu", "otp-plain"] {
         assert!(!text.contains(plain), "plaintext {plain} in the job table");
     }
+    // The `tested` entry is written with the verdict when the job settles, with this request's
+    // client as its requester.
     let audit: Value = app.get("/connections/audit", Some(&user)).await.json().await.unwrap();
+    assert_eq!(audit, json!([]));
+    app.finish_job(body["job"]["id"].as_str().unwrap()).await;
+    let audit: Value = app.get("/connections/audit", Some(&user)).await.json().await.unwrap();
+    assert_eq!(audit.as_array().unwrap().len(), 1);
     assert_eq!(audit[0]["action"], "tested");
     assert_eq!(audit[0]["connection_id"], Value::Null);
+    assert_eq!(audit[0]["ip_address"], "127.0.0.1");
+    assert_eq!(audit[0]["user_agent"], "tradeeon-tests/1.0");
     assert_eq!(audit[0]["details"]["exchange"], "kraken");
     assert_eq!(audit[0]["details"]["job_id"], body["job"]["id"]);
+    assert_eq!(audit[0]["details"]["outcome"], "done");
+    assert_eq!(audit[0]["details"]["ok"], true);
+    assert_eq!(audit[0]["details"]["code"], "ok");
 }
 
 async fn rotate_enqueues_one_job_and_a_second_is_409(app: TestApp) {

@@ -18,6 +18,8 @@ async fn another_user_sees_and_changes_nothing(app: TestApp) {
         .await
         .unwrap();
     let test_job = tested["job"]["id"].as_str().unwrap().to_owned();
+    // Settled, the test has its `tested` audit entry, which B must not see either.
+    app.finish_job(&test_job).await;
 
     // Reads.
     assert_eq!(app.get("/connections", Some(&b)).await.json::<Value>().await.unwrap(), json!([]));

@@ -105,6 +105,9 @@ async fn audit_ip(app: &TestApp, forwarded: &str) -> Value {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
+    // The test's audit entry, with the request's client, is written when the job settles.
+    let body: Value = response.json().await.unwrap();
+    app.finish_job(body["job"]["id"].as_str().unwrap()).await;
     let audit: Value = app.get("/connections/audit", Some(&user)).await.json().await.unwrap();
     audit[0]["ip_address"].clone()
 }

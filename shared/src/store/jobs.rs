@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::coalesce::CoalescedStats;
-use super::{AuditEntryInput, Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
+use super::{Inner, Result, ServiceTx, Store, UserContext, jobs_postgres, jobs_sqlite};
 use crate::domain::ConnectionId;
 use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob, TicketId};
 
@@ -94,41 +94,17 @@ impl ServiceTx {
 }
 
 impl Store {
-    /// Enqueues a job on its own (scheduler, service path). See [`ServiceTx::enqueue_job`].
+    /// Enqueues a job on its own (`POST /connections/test`, the scheduler). See
+    /// [`ServiceTx::enqueue_job`]. On PostgreSQL one statement, shared with concurrent enqueues.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, kind = job.payload.kind().as_str()), err(level = "info"))]
     pub async fn enqueue_job(&self, job: &NewJob) -> Result<Option<JobRecord>> {
+        if let Inner::Postgres(s) = &*self.inner {
+            return jobs_postgres::enqueue(s, job).await;
+        }
         let mut tx = self.begin_service().await?;
         let record = tx.enqueue_job(job).await?;
         tx.commit().await?;
         Ok(record)
-    }
-
-    /// Writes an audit entry of `user`'s and enqueues `job`, atomically; on PostgreSQL in one
-    /// statement (the hot path of `POST /connections/test`). The entry must name no connection:
-    /// one that does is refused with [`StoreError::NotFound`] before anything is written (use
-    /// [`Store::begin_user`] for those, which checks the connection is the user's).
-    #[tracing::instrument(skip_all, fields(job_id = %job.id, kind = job.payload.kind().as_str()), err(level = "info"))]
-    pub async fn enqueue_with_audit(
-        &self,
-        user: &UserContext,
-        audit: &AuditEntryInput,
-        job: &NewJob,
-    ) -> Result<Option<JobRecord>> {
-        if audit.connection_id.is_some() {
-            return Err(StoreError::NotFound);
-        }
-        match &*self.inner {
-            Inner::Postgres(s) => jobs_postgres::enqueue_with_audit(s, user, audit, job).await,
-            Inner::Sqlite(_) => {
-                let mut tx = self.begin_user(user).await?;
-                tx.insert_audit(audit).await?;
-                let mut tx = tx.into_service().await?;
-                let record = tx.enqueue_job(job).await?;
-                if record.is_some() {
-                    tx.commit().await?;
-                }
-                Ok(record)
-            }
-        }
     }
 
     /// Enqueues many jobs atomically (a sweep's page of health checks): on PostgreSQL one

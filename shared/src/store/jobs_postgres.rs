@@ -15,7 +15,7 @@ use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
 use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
-use super::{AuditEntryInput, PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
+use super::{PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
     ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
@@ -57,18 +57,12 @@ pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Opt
     Ok(Some(record))
 }
 
-/// An audit entry of the user's that names no connection, and a job: the hot path of
-/// `POST /connections/test`, which would otherwise spend seven round trips (user scope, audit,
-/// service scope, job, ticket, commit). Coalesced with concurrent calls into one statement (see
-/// [`super::coalesce`]), so one implicit transaction. It runs as the service, so the owner is set
-/// by the statement (`user`), not by RLS.
-pub(super) async fn enqueue_with_audit(
-    store: &PgStore,
-    user: &UserContext,
-    audit: &AuditEntryInput,
-    job: &NewJob,
-) -> Result<Option<JobRecord>> {
-    store.batches.enqueue.call((job.clone(), Some((user.user_id, audit.clone())))).await
+/// One job and its ticket, coalesced with concurrent enqueues into one statement (see
+/// [`super::coalesce`]), so one implicit transaction: the hot path of
+/// `POST /connections/test`, which would otherwise spend four round trips (begin, job, ticket,
+/// commit) on each.
+pub(super) async fn enqueue(store: &PgStore, job: &NewJob) -> Result<Option<JobRecord>> {
+    store.batches.enqueue.call(job.clone()).await
 }
 
 /// Many job records and their tickets in one statement: what a health sweep enqueues, page by
@@ -76,26 +70,22 @@ pub(super) async fn enqueue_with_audit(
 /// large sweep is meant to take); as arrays it is one per page. A key already used (or repeated
 /// in the page) is skipped. Returns how many were enqueued.
 pub(super) async fn insert_jobs(store: &PgStore, jobs: &[NewJob]) -> Result<usize> {
-    let items: Vec<AuditedJob> = jobs.iter().map(|job| (job.clone(), None)).collect();
-    let inserted = insert_batch(&store.pool, &store.wakeups, items).await?;
+    let inserted = insert_batch(&store.pool, &store.wakeups, jobs.to_vec()).await?;
     Ok(inserted.iter().filter(|record| record.is_some()).count())
 }
 
-/// A job to enqueue and, for the API's requests, the audit entry (and its user) written with it.
-type AuditedJob = (NewJob, Option<(UserId, AuditEntryInput)>);
-
-/// Job records, their apalis tickets and their audit entries, in one statement over arrays; the
-/// records in the order of `items`, `None` where the idempotency key was used already (or earlier
-/// in `items`). Tickets that are due wake a worker once the statement has committed.
+/// Job records and their apalis tickets, in one statement over arrays; the records in the order
+/// of `jobs`, `None` where the idempotency key was used already (or earlier in `jobs`). Tickets
+/// that are due wake a worker once the statement has committed.
 async fn insert_batch(
     db: impl sqlx::PgExecutor<'_>,
     wakeups: &Wakeups,
-    items: Vec<AuditedJob>,
+    jobs: Vec<NewJob>,
 ) -> Result<Vec<Option<JobRecord>>> {
-    if items.is_empty() {
+    if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let n = items.len();
+    let n = jobs.len();
     let (mut ids, mut kinds, mut users, mut connections, mut exchanges) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -105,14 +95,7 @@ async fn insert_batch(
     );
     let (mut payloads, mut keys, mut run_ats, mut tickets) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut audit_users, mut actions, mut ips, mut agents, mut details) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (job, audit) in &items {
+    for job in &jobs {
         ids.push(job.id.to_string());
         kinds.push(job.payload.kind().as_str());
         users.push(job.user_id.0);
@@ -122,19 +105,12 @@ async fn insert_batch(
         keys.push(job.idempotency_key.clone());
         run_ats.push(run_at(job));
         tickets.push(serde_json::to_vec(&JobTicket { job_id: job.id }).map_err(|e| decode_error("ticket", e))?);
-        audit_users.push(audit.as_ref().map(|(user, _)| user.0));
-        actions.push(audit.as_ref().map(|(_, a)| a.action.as_str()));
-        ips.push(audit.as_ref().and_then(|(_, a)| a.ip_address.map(|ip| ip.to_string())));
-        agents.push(audit.as_ref().and_then(|(_, a)| a.user_agent.clone()));
-        details.push(audit.as_ref().and_then(|(_, a)| (!a.details.is_null()).then(|| a.details.clone())));
     }
     let rows = sqlx::query(concat!(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::jsonb[],
-                                  $7::text[], $8::timestamptz[], $9::bytea[], $10::uuid[], $11::text[],
-                                  $12::text[], $13::text[], $14::jsonb[])
-                 AS i (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, ticket,
-                       audit_user_id, action, ip_address, user_agent, details)
+                                  $7::text[], $8::timestamptz[], $9::bytea[])
+                 AS i (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, ticket)
          ), job AS (
              INSERT INTO public.tradeeon_jobs
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
@@ -143,12 +119,7 @@ async fn insert_batch(
              RETURNING *
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
-             SELECT job.id, $15, input.ticket, 'Pending', 0, $16, job.run_at, 0 FROM job JOIN input USING (id)
-         ), audit AS (
-             INSERT INTO public.connection_audit_log (user_id, action, ip_address, user_agent, details)
-             SELECT input.audit_user_id, input.action, input.ip_address::inet, input.user_agent, input.details
-               FROM job JOIN input USING (id)
-              WHERE input.action IS NOT NULL
+             SELECT job.id, $10, input.ticket, 'Pending', 0, $11, job.run_at, 0 FROM job JOIN input USING (id)
          )
          SELECT ",
         job_columns!(),
@@ -163,25 +134,20 @@ async fn insert_batch(
     .bind(&keys)
     .bind(&run_ats)
     .bind(&tickets)
-    .bind(&audit_users)
-    .bind(&actions)
-    .bind(&ips)
-    .bind(&agents)
-    .bind(&details)
     .bind(QUEUE)
     .bind(i32::from(TICKET_MAX_ATTEMPTS))
     .fetch_all(db)
     .await?;
     let records = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
     let inserted: HashSet<JobId> = records.iter().map(|record| record.id).collect();
-    let due = items
+    let due = jobs
         .iter()
-        .filter(|(job, _)| inserted.contains(&job.id))
-        .filter_map(|(job, _)| wakeup_payload(QUEUE, job.id.0, run_at(job)))
+        .filter(|job| inserted.contains(&job.id))
+        .filter_map(|job| wakeup_payload(QUEUE, job.id.0, run_at(job)))
         .collect();
     wakeups.send(due);
     let keyed = records.into_iter().map(|record| (record.id, record)).collect();
-    Ok(in_order(&items.iter().map(|(job, _)| job.id).collect::<Vec<_>>(), keyed))
+    Ok(in_order(&jobs.iter().map(|job| job.id).collect::<Vec<_>>(), keyed))
 }
 
 fn run_at(job: &NewJob) -> DateTime<Utc> {
@@ -433,7 +399,7 @@ impl PgStore {
 /// the same kind into one statement per batch (see [`super::coalesce`]).
 #[derive(Clone, Debug)]
 pub(super) struct PgBatches {
-    enqueue: Coalescer<AuditedJob, Option<JobRecord>>,
+    enqueue: Coalescer<NewJob, Option<JobRecord>>,
     get_job: Coalescer<(JobId, UserId), Option<JobRecord>>,
     claim: Coalescer<JobId, Option<ClaimedJob>>,
     finish: Coalescer<(JobId, JobOutcome, Option<TicketId>), bool>,
@@ -555,8 +521,9 @@ async fn claim_jobs(db: impl sqlx::PgExecutor<'_>, ids: Vec<JobId>) -> Result<Ve
     Ok(in_order(&ids, claimed))
 }
 
-/// Settles jobs with their outcomes and wipes their payloads, and acknowledges (deletes) the
-/// tickets that ran them; `false` for a job already settled.
+/// Settles jobs with their outcomes and wipes their payloads, acknowledges (deletes) the
+/// tickets that ran them, and writes the `tested` audit entry of each `test` job settled that
+/// names its requester (see [`crate::jobs::Requester`]); `false` for a job already settled.
 async fn finish_jobs(
     db: impl sqlx::PgExecutor<'_>,
     outcomes: Vec<(JobId, JobOutcome, Option<TicketId>)>,
@@ -581,16 +548,30 @@ async fn finish_jobs(
             }
         }
     }
+    // `requested` reads the payloads that `settled` wipes: both see the statement's snapshot.
+    // Only jobs this statement settles are audited, so a job settled twice is audited once.
     let settled: Vec<String> = sqlx::query_scalar(
-        "WITH settled AS (
+        "WITH outcome AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS o (id, status, result, error)
+         ), requested AS (
+             SELECT j.id, j.user_id, j.exchange, j.payload -> 'requested_by' AS requester
+               FROM public.tradeeon_jobs AS j JOIN outcome USING (id)
+              WHERE j.kind = 'test' AND j.payload ? 'requested_by'
+         ), settled AS (
              UPDATE public.tradeeon_jobs AS j
                 SET status = o.status, result = o.result, error = o.error, finished_at = now(), payload = NULL
-               FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS o (id, status, result, error),
-                    (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
+               FROM outcome AS o, (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush
               WHERE j.id = o.id AND j.status IN ('queued', 'running')
               RETURNING j.id
          ), acknowledged AS (
              DELETE FROM apalis.jobs WHERE id = ANY($5) AND job_type = $6
+         ), audited AS (
+             INSERT INTO public.connection_audit_log (user_id, action, ip_address, user_agent, details)
+             SELECT r.user_id, 'tested', (r.requester ->> 'ip_address')::inet, r.requester ->> 'user_agent',
+                    jsonb_strip_nulls(jsonb_build_object(
+                        'stage', 'finished', 'job_id', r.id, 'exchange', r.exchange, 'outcome', o.status,
+                        'ok', o.result -> 'ok', 'code', o.result -> 'code'))
+               FROM settled JOIN requested AS r USING (id) JOIN outcome AS o USING (id)
          )
          SELECT id FROM settled",
     )

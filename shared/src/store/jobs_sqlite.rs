@@ -9,10 +9,10 @@ use sqlx::{Row, SqliteConnection};
 
 use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
-use super::{Result, ServiceTx, UserContext, decode_error, parse_column};
+use super::{AuditAction, AuditEntryInput, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
-    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
+    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, Requester, TicketId,
 };
 
 macro_rules! job_columns {
@@ -114,6 +114,30 @@ pub(super) async fn credentials_version(
         .await?)
 }
 
+/// The `tested` entry of a settled `test` job: as PostgreSQL's settle statement writes it.
+fn tested_audit(
+    id: JobId,
+    exchange: &str,
+    status: JobStatus,
+    outcome: &JobOutcome,
+    requester: Requester,
+) -> AuditEntryInput {
+    let mut details = serde_json::json!({
+        "stage": "finished", "job_id": id, "exchange": exchange, "outcome": status.as_str(),
+    });
+    if let JobOutcome::Done(result) = outcome {
+        details["ok"] = result.ok.into();
+        details["code"] = serde_json::to_value(result.code).unwrap_or_default();
+    }
+    AuditEntryInput {
+        connection_id: None,
+        action: AuditAction::Tested,
+        ip_address: requester.ip_address,
+        user_agent: requester.user_agent,
+        details,
+    }
+}
+
 fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
     let result: Option<String> = row.try_get("result")?;
     Ok(JobRecord {
@@ -197,6 +221,14 @@ impl SqliteStore {
             JobOutcome::Failed(error) => (JobStatus::Failed, None, Some(error.as_str())),
         };
         let mut tx = begin_write(&self.pool).await?;
+        // Read before the update wipes the payload: a `test` job's requester, for its audit entry.
+        let requested: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT user_id, exchange, payload FROM tradeeon_jobs
+              WHERE id = ?1 AND kind = 'test' AND status IN ('queued', 'running') AND payload IS NOT NULL",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
         let updated = sqlx::query(
             "UPDATE tradeeon_jobs
                 SET status = ?2, result = ?3, error = ?4, finished_at = ?5, payload = NULL
@@ -210,6 +242,13 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if let (1, Some((user_id, exchange, payload))) = (updated, requested) {
+            let payload: JobPayload = serde_json::from_str(&payload).map_err(|e| decode_error("payload", e))?;
+            if let JobPayload::Test { requested_by: Some(requester), .. } = payload {
+                let audit = tested_audit(id, &exchange, status, outcome, requester);
+                super::sqlite::insert_audit(&mut tx, UserId(parse_uuid("user_id", &user_id)?), &audit).await?;
+            }
+        }
         if let Some(ticket) = ticket {
             acknowledge(&mut tx, ticket).await?;
         }

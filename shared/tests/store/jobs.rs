@@ -4,7 +4,7 @@
 use chrono::{Duration as ChronoDuration, Utc};
 use tradeeon_shared::domain::{AuditAction, Exchange};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
-use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob, TicketId};
+use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob, Requester, TicketId};
 use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError, TicketState};
 
 use crate::harness::{creds, new_connection, user};
@@ -31,7 +31,7 @@ async fn enqueue_tests(store: &Store, tag: &str, n: usize) -> Vec<JobId> {
         let job = NewJob::new(
             alice.user_id,
             Exchange::Binance,
-            JobPayload::Test { exchange: Exchange::Binance, credentials },
+            JobPayload::Test { exchange: Exchange::Binance, credentials, requested_by: None },
         );
         store.enqueue_job(&job).await.unwrap();
         ids.push(job.id);
@@ -158,7 +158,7 @@ async fn claim_finish_and_requeue(store: Store) {
     let test = NewJob::new(
         alice.user_id,
         Exchange::Coinbase,
-        JobPayload::Test { exchange: Exchange::Coinbase, credentials: creds("t") },
+        JobPayload::Test { exchange: Exchange::Coinbase, credentials: creds("t"), requested_by: None },
     );
     store.enqueue_job(&test).await.unwrap();
     let id = test.id.to_string();
@@ -246,7 +246,7 @@ async fn queue_stats_report_depth_and_age(store: Store) {
         let mut job = NewJob::new(
             alice.user_id,
             Exchange::Kraken,
-            JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(tag) },
+            JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(tag), requested_by: None },
         );
         job.run_at = Some(Utc::now() - ChronoDuration::seconds(90));
         store.enqueue_job(&job).await.unwrap();
@@ -333,7 +333,7 @@ async fn a_retry_is_never_due_before_its_time(store: Store) {
     let job = NewJob::new(
         alice.user_id,
         Exchange::Binance,
-        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("r") },
+        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("r"), requested_by: None },
     );
     store.enqueue_job(&job).await.unwrap();
     store.claim_job(job.id).await.unwrap().unwrap();
@@ -537,7 +537,7 @@ async fn workers_are_woken_after_commit(store: Store) {
         NewJob::new(
             alice.user_id,
             Exchange::Binance,
-            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(tag) },
+            JobPayload::Test { exchange: Exchange::Binance, credentials: creds(tag), requested_by: None },
         )
     };
 
@@ -581,18 +581,24 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
         NewJob::new(
             owner.user_id,
             Exchange::Kraken,
-            JobPayload::Test { exchange: Exchange::Kraken, credentials: creds(&format!("{i}")) },
+            JobPayload::Test {
+                exchange: Exchange::Kraken,
+                credentials: creds(&format!("{i}")),
+                requested_by: Some(Requester {
+                    ip_address: Some(std::net::IpAddr::from([10, 0, 0, (i % 250) as u8])),
+                    user_agent: Some(format!("agent {i}")),
+                }),
+            },
         )
     };
     // 150 submissions at once, one of them by a user who has no profile row (its foreign keys
-    // fail): that one gets its error, the others are written with their audit rows.
+    // fail): that one gets its error, the others are written.
     let stranger = crate::harness::new_user();
     let mut submissions: Vec<(tradeeon_shared::store::UserContext, NewJob)> = (0..150)
         .map(|i| if i % 2 == 0 { (alice.clone(), test_job(&alice, i)) } else { (bob.clone(), test_job(&bob, i)) })
         .collect();
     submissions[75] = (stranger.clone(), test_job(&stranger, 75));
-    let audit = AuditEntryInput::new(AuditAction::Tested);
-    let enqueued = join_all(submissions.iter().map(|(who, job)| store.enqueue_with_audit(who, &audit, job))).await;
+    let enqueued = join_all(submissions.iter().map(|(_, job)| store.enqueue_job(job))).await;
     for (i, ((_, job), answer)) in submissions.iter().zip(&enqueued).enumerate() {
         if i == 75 {
             assert!(answer.is_err(), "a job for a user with no profile must fail: {answer:?}");
@@ -605,8 +611,7 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
         }
     }
     assert_eq!(tickets(&store).await, 149);
-    let audited = store.list_audit(&alice, 200, None).await.unwrap();
-    assert_eq!(audited.iter().filter(|e| e.action == AuditAction::Tested).count(), 75);
+    assert!(store.list_audit(&alice, 200, None).await.unwrap().is_empty(), "a test is audited when it settles");
 
     // Reads: every owner sees their own job; the other user sees nothing.
     let reads = join_all(submissions.iter().enumerate().filter(|(i, _)| *i != 75).flat_map(|(_, (who, job))| {
@@ -650,6 +655,32 @@ async fn concurrent_calls_share_statements_and_keep_their_own_answers(store: Sto
             JobOutcome::Done(_) => assert_eq!(record.status, JobStatus::Done),
         }
         assert_eq!(raw_payload(&store, &id.to_string()).await, None, "payload wiped");
+    }
+    // Each settled test is audited once, for its owner, with its requester and its verdict.
+    let audited = store.list_audit(&alice, 200, None).await.unwrap();
+    assert_eq!(audited.len(), 75, "one entry per settled test of alice's, none for settling twice");
+    let settled_jobs = submissions.iter().enumerate().filter(|(i, _)| *i != 75);
+    for ((i, (who, job)), outcome) in
+        settled_jobs.zip(&outcomes).filter(|((_, (who, _)), _)| who.user_id == alice.user_id)
+    {
+        let entry = audited.iter().find(|e| e.details["job_id"] == job.id.to_string()).expect("audited");
+        assert_eq!(who.user_id, alice.user_id);
+        assert_eq!(entry.action, AuditAction::Tested);
+        assert_eq!(entry.connection_id, None);
+        assert_eq!(entry.ip_address, Some(std::net::IpAddr::from([10, 0, 0, (i % 250) as u8])));
+        assert_eq!(entry.user_agent.as_deref(), Some(format!("agent {i}").as_str()));
+        assert_eq!(entry.details["exchange"], "kraken");
+        match outcome {
+            JobOutcome::Failed(_) => {
+                assert_eq!(entry.details["outcome"], "failed");
+                assert!(entry.details.get("ok").is_none() && entry.details.get("code").is_none());
+            }
+            JobOutcome::Done(result) => {
+                assert_eq!(entry.details["outcome"], "done");
+                assert_eq!(entry.details["ok"], result.ok);
+                assert_eq!(entry.details["code"], serde_json::to_value(result.code).unwrap());
+            }
+        }
     }
 
     // And they did share statements (`record_check` is not exercised here: see the store test
@@ -722,7 +753,7 @@ async fn job_tables_keep_index_work_down(store: Store) {
     let job = NewJob::new(
         alice.user_id,
         Exchange::Binance,
-        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("hot") },
+        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("hot"), requested_by: None },
     );
     store.enqueue_job(&job).await.unwrap();
     let active = || async {

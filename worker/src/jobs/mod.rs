@@ -161,7 +161,7 @@ pub enum Step {
 pub async fn run(env: &JobEnv, job: &ClaimedJob) -> Step {
     use tradeeon_shared::jobs::JobPayload;
     let outcome = match &job.payload {
-        JobPayload::Test { exchange, credentials } => test::run(env, job, *exchange, credentials).await,
+        JobPayload::Test { exchange, credentials, .. } => test::run(env, job, *exchange, credentials).await,
         JobPayload::Verify { connection_id, credentials_version } => {
             verify::run(env, job, *connection_id, *credentials_version).await
         }

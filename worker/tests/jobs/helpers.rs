@@ -109,7 +109,8 @@ impl TestApp {
     }
 
     pub async fn enqueue_test(&self, exchange: Exchange, keys: &Keys<'_>) -> JobId {
-        self.enqueue(exchange, JobPayload::Test { exchange, credentials: self.encrypt_keys(keys) }).await
+        self.enqueue(exchange, JobPayload::Test { exchange, credentials: self.encrypt_keys(keys), requested_by: None })
+            .await
     }
 
     /// Claims the job and runs one attempt, without settling it (a crash before settling).
