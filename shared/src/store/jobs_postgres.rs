@@ -33,16 +33,20 @@ macro_rules! job_columns {
 /// queue tests exercise end to end.
 macro_rules! insert_job_and_ticket {
     () => {
-        "WITH job AS (
-             INSERT INTO public.tradeeon_jobs
-                 (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING *
-         ), ticket AS (
-             INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
-             SELECT id, $9, $10, 'Pending', 0, $11, run_at, 0 FROM job
-         )"
+        concat!(
+            "WITH job AS (
+                 INSERT INTO public.tradeeon_jobs
+                     (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (idempotency_key) DO NOTHING
+                 RETURNING ",
+            job_columns!(),
+            ", run_at
+             ), ticket AS (
+                 INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
+                 SELECT id, $9, $10, 'Pending', 0, $11, run_at, 0 FROM job
+             )"
+        )
     };
 }
 
@@ -116,7 +120,10 @@ async fn insert_batch(
                  (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
              SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
              ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING *
+             RETURNING ",
+        // Not `*`: the payload (the encrypted credentials) need not be copied back.
+        job_columns!(),
+        ", run_at
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
              SELECT job.id, $10, input.ticket, 'Pending', 0, $11, job.run_at, 0 FROM job JOIN input USING (id)
