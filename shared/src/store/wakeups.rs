@@ -52,11 +52,28 @@ impl Wakeups {
     }
 }
 
-/// The payload apalis-postgres's trigger would have sent for a ticket: its listener reads
-/// `job_type` (the queue) and `id`, and only tickets already due are announced.
+/// The payload apalis-postgres's listener reads for a ticket (its `InsertEvent`: `job_type`, the
+/// queue, and `id`); only tickets already due are announced. Its trigger also sent `run_at`,
+/// which the listener ignores. Written with `format!`: one is built per enqueued job, and both
+/// values are plain tokens (our queue name, a ULID) that need no JSON escaping.
 pub(super) fn wakeup_payload(queue: &str, ticket_id: ulid::Ulid, run_at: DateTime<Utc>) -> Option<String> {
-    (run_at <= Utc::now())
-        .then(|| serde_json::json!({ "job_type": queue, "id": ticket_id.to_string(), "run_at": run_at }).to_string())
+    debug_assert!(queue.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'), "{queue}");
+    (run_at <= Utc::now()).then(|| format!(r#"{{"job_type":"{queue}","id":"{ticket_id}"}}"#))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wakeup_is_what_apalis_listener_reads() {
+        let id = ulid::Ulid::generate();
+        let payload = wakeup_payload("tradeeon", id, Utc::now()).expect("due now");
+        let event: apalis_postgres::InsertEvent = serde_json::from_str(&payload).unwrap();
+        assert_eq!(event.job_type, "tradeeon");
+        assert_eq!(event.id.to_string(), id.to_string());
+        assert_eq!(wakeup_payload("tradeeon", id, Utc::now() + chrono::Duration::seconds(5)), None, "not due yet");
+    }
 }
 
 async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {
