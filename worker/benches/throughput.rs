@@ -141,10 +141,21 @@ async fn baseline(store: &Store, n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / finish.since(started).as_secs_f64())
 }
 
-/// Enqueues `n` Binance `test` jobs with the simulator's full-permission key.
+/// How many users the benchmark's jobs belong to.
+const BENCH_USERS: usize = 64;
+
+/// Enqueues `n` Binance `test` jobs with the simulator's full-permission key, round robin over
+/// [`BENCH_USERS`] users.
 async fn enqueue_test_jobs(store: &Store, keyring: &Keyring, n: usize) -> anyhow::Result<()> {
-    let user = UserContext { user_id: UserId::new_random(), email: None };
-    store.ensure_user(&user).await?;
+    // Many users' tests, as in service: each settle locks its jobs' owners (`FOR KEY SHARE`, the
+    // audit entry's foreign key), and one owner shared by every job turns the concurrent settles'
+    // locks into multixacts, which a queue of many users' jobs never pays at this rate.
+    let mut users = Vec::with_capacity(BENCH_USERS);
+    for _ in 0..BENCH_USERS {
+        let user = UserContext { user_id: UserId::new_random(), email: None };
+        store.ensure_user(&user).await?;
+        users.push(user.user_id);
+    }
     let encrypt = |v: &str| keyring.encrypt(&SecretValue::new(v.to_string())).into_inner();
     let credentials = EncryptedCredentials {
         api_key: encrypt(sim_binance::SEEDED_FULL_KEY),
@@ -152,9 +163,9 @@ async fn enqueue_test_jobs(store: &Store, keyring: &Keyring, n: usize) -> anyhow
         passphrase: None,
     };
     let jobs: Vec<NewJob> = (0..n)
-        .map(|_| {
+        .map(|i| {
             NewJob::new(
-                user.user_id,
+                users[i % users.len()],
                 Exchange::Binance,
                 // As the API enqueues them: the settle writes each one's `tested` audit entry.
                 JobPayload::Test {
