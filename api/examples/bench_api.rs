@@ -5,7 +5,7 @@
 //! apalis ticket in one transaction) — throughput and p50/p99 latency.
 //! Phase 2: `GET /jobs/{id}` on the jobs phase 1 created — throughput and p50/p99.
 //!
-//! `cargo run --release -p tradeeon-api --example bench_api -- DATABASE_URL [CLIENTS] [SECONDS] [POOL]`
+//! `cargo run --release -p tradeeon-api --example bench_api -- DATABASE_URL [CLIENTS] [SECONDS] [POOL] [all|post]`
 //! The database must exist; it is migrated here. No worker runs, so the jobs stay queued.
 
 use std::collections::HashMap;
@@ -32,10 +32,16 @@ fn main() -> anyhow::Result<()> {
     let database_url = args
         .get(1)
         .cloned()
-        .ok_or_else(|| anyhow::anyhow!("usage: bench_api DATABASE_URL [CLIENTS] [SECONDS] [POOL]"))?;
+        .ok_or_else(|| anyhow::anyhow!("usage: bench_api DATABASE_URL [CLIENTS] [SECONDS] [POOL] [all|post]"))?;
     let clients: usize = args.get(2).map_or(Ok(32), |s| s.parse())?;
     let seconds: u64 = args.get(3).map_or(Ok(10), |s| s.parse())?;
     let pool: u32 = args.get(4).map_or(Ok(10), |s| s.parse())?;
+    // `post`: the first phase only (the script's rounds); `all` (default): both phases.
+    let with_get = match args.get(5).map(String::as_str) {
+        None | Some("all") => true,
+        Some("post") => false,
+        Some(other) => anyhow::bail!("unknown phases {other:?}: `all` or `post`"),
+    };
 
     // The server gets a runtime of its own, as it would in its own process.
     let server_rt =
@@ -46,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         .thread_name("load-client")
         .enable_all()
         .build()?;
-    client_rt.block_on(drive(addr, clients, Duration::from_secs(seconds), pool, &store))?;
+    client_rt.block_on(drive(addr, clients, Duration::from_secs(seconds), pool, with_get, &store))?;
     server_rt.block_on(store.close());
     Ok(())
 }
@@ -228,7 +234,14 @@ struct AcceptedJob {
     id: String,
 }
 
-async fn drive(addr: SocketAddr, clients: usize, duration: Duration, pool: u32, store: &Store) -> anyhow::Result<()> {
+async fn drive(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    pool: u32,
+    with_get: bool,
+    store: &Store,
+) -> anyhow::Result<()> {
     let tokens: Arc<Vec<String>> = Arc::new((0..clients).map(|_| token(uuid::Uuid::new_v4())).collect());
     println!("API bench: {clients} clients, {} s per phase, pool {pool} connections", duration.as_secs());
 
@@ -253,6 +266,9 @@ async fn drive(addr: SocketAddr, clients: usize, duration: Duration, pool: u32, 
     .await;
     post.report("POST /connections/test");
     print_coalescing(store);
+    if !with_get {
+        return Ok(());
+    }
 
     let jobs: Arc<Vec<Vec<String>>> =
         Arc::new(job_ids.iter().map(|ids| std::mem::take(&mut *ids.lock().unwrap())).collect());
