@@ -79,10 +79,11 @@ mod tests {
 async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
-        // One implicit transaction: `set_config(.., true)` is `SET LOCAL`, read at its commit.
+        // One implicit transaction: `set_config(.., true)` is `SET LOCAL`, read at its commit;
+        // in a FROM item of its own it runs once per statement, not once per notification.
         let sent = sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, payload)
-               FROM unnest($2::text[]) AS payload",
+            "SELECT pg_notify($1, payload)
+               FROM unnest($2::text[]) AS payload, (SELECT set_config('synchronous_commit', 'off', true)) AS no_flush",
         )
         .bind(CHANNEL)
         .bind(&batch)
