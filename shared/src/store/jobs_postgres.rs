@@ -428,12 +428,15 @@ impl PgBatches {
         ]
     }
 
-    /// Starts the dispatchers on the current Tokio runtime. A quarter of the pool's connections
-    /// (at least one) may run batches of each kind at once: fewer lanes make larger batches and
-    /// less work for the database per call, more lanes less waiting for a free lane; the rest of
-    /// the pool stays free for every other statement.
+    /// Starts the dispatchers on the current Tokio runtime. An eighth of the pool's connections
+    /// (at least one; one with the default pool of 10) may run batches of each kind at once:
+    /// fewer lanes make larger batches and less work for the database per call, more lanes less
+    /// waiting for a free lane; the rest of the pool stays free for every other statement. A
+    /// quarter (two lanes at 10) did worse at 32 concurrent `POST /connections/test`: ~11 calls
+    /// per statement and 0.55-0.59 x the pgbench baseline, against ~17.5 calls and 0.62-0.66
+    /// with one lane (bench/README.md). Processes scale out, each with its own lanes.
     pub(super) fn start(pool: &PgPool, wakeups: &Wakeups, max_connections: u32) -> Self {
-        let lanes = (max_connections as usize / 4).max(1);
+        let lanes = (max_connections as usize / 8).max(1);
         let enqueue = {
             let wakeups = wakeups.clone();
             batch_fn(move |mut conn, items| {
