@@ -346,7 +346,12 @@ test('the audit log shows what happened, page by page', async () => {
     });
     assert.equal(status, 202);
   }
-  const all = (await api(server, token, 'GET', '/connections/audit?limit=1000')).body.length;
+  // Each test's `tested` entry is written when the worker settles it, with the verdict.
+  const expected = Math.max(total, 26);
+  const all = await until(async () => {
+    const count = (await api(server, token, 'GET', '/connections/audit?limit=1000')).body.length;
+    return count >= expected && count;
+  }, { what: `${expected} audit entries` });
   assert.ok(all > 20, `${all} entries`);
   await page.locator('#audit-refresh').click();
   await until(async () => (await rows.count()) === 20, { what: 'the first page of 20 rows' });
