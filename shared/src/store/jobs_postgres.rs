@@ -27,38 +27,12 @@ macro_rules! job_columns {
     };
 }
 
-/// The job record and its first apalis ticket in one statement (`$1`–`$11`; see
-/// [`insert_job_row`]). apalis-postgres's own `push_tasks` would be a second round trip; the
-/// ticket's columns are those of its `queries/task/sink.sql` (apalis-postgres 1.0), which the
-/// queue tests exercise end to end.
-macro_rules! insert_job_and_ticket {
-    () => {
-        concat!(
-            "WITH job AS (
-                 INSERT INTO public.tradeeon_jobs
-                     (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (idempotency_key) DO NOTHING
-                 RETURNING ",
-            job_columns!(),
-            ", run_at
-             ), ticket AS (
-                 INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
-                 SELECT id, $9, $10, 'Pending', 0, $11, run_at, 0 FROM job
-             )"
-        )
-    };
-}
-
 /// Inserts the record and its first ticket; once the transaction commits, a ticket that is due
 /// now wakes an idle worker (see [`super::wakeups`]).
 pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Option<JobRecord>> {
-    let query = sqlx::query(concat!(insert_job_and_ticket!(), " SELECT ", job_columns!(), " FROM job"));
-    let row = bind_job(query, job)?.fetch_optional(&mut *tx.tx).await?;
-    let Some(row) = row else { return Ok(None) };
-    let record = job_from_row(&row)?;
-    tx.due_tickets.extend(wakeup_payload(QUEUE, job.id.0, run_at(job)));
-    Ok(Some(record))
+    let (mut records, due) = insert_rows(&mut *tx.tx, std::slice::from_ref(job)).await?;
+    tx.due_tickets.extend(due);
+    Ok(records.pop().flatten())
 }
 
 /// One job and its ticket, coalesced with concurrent enqueues into one statement (see
@@ -74,20 +48,20 @@ pub(super) async fn enqueue(store: &PgStore, job: &NewJob) -> Result<Option<JobR
 /// large sweep is meant to take); as arrays it is one per page. A key already used (or repeated
 /// in the page) is skipped. Returns how many were enqueued.
 pub(super) async fn insert_jobs(store: &PgStore, jobs: &[NewJob]) -> Result<usize> {
-    let inserted = insert_batch(&store.pool, &store.wakeups, jobs.to_vec()).await?;
+    let (inserted, due) = insert_rows(&store.pool, jobs).await?;
+    store.wakeups.send(due);
     Ok(inserted.iter().filter(|record| record.is_some()).count())
 }
 
 /// Job records and their apalis tickets, in one statement over arrays; the records in the order
-/// of `jobs`, `None` where the idempotency key was used already (or earlier in `jobs`). Tickets
-/// that are due wake a worker once the statement has committed.
-async fn insert_batch(
-    db: impl sqlx::PgExecutor<'_>,
-    wakeups: &Wakeups,
-    jobs: Vec<NewJob>,
-) -> Result<Vec<Option<JobRecord>>> {
+/// of `jobs`, `None` where the idempotency key was used already (or earlier in `jobs`), and the
+/// wake-ups of the inserted tickets that are due, to send once the statement has committed.
+/// apalis-postgres's own `push_tasks` would be a second round trip; the ticket's columns are
+/// those of its `queries/task/sink.sql` (apalis-postgres 1.0), which the queue tests exercise
+/// end to end.
+async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(Vec<Option<JobRecord>>, Vec<String>)> {
     if jobs.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let n = jobs.len();
     let (mut ids, mut kinds, mut users, mut connections, mut exchanges) = (
@@ -99,7 +73,7 @@ async fn insert_batch(
     );
     let (mut payloads, mut keys, mut run_ats, mut tickets) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    for job in &jobs {
+    for job in jobs {
         ids.push(job.id.to_string());
         kinds.push(job.payload.kind().as_str());
         users.push(job.user_id.0);
@@ -152,34 +126,12 @@ async fn insert_batch(
         .filter(|job| inserted.contains(&job.id))
         .filter_map(|job| wakeup_payload(QUEUE, job.id.0, run_at(job)))
         .collect();
-    wakeups.send(due);
     let keyed = records.into_iter().map(|record| (record.id, record)).collect();
-    Ok(in_order(&jobs.iter().map(|job| job.id).collect::<Vec<_>>(), keyed))
+    Ok((in_order(&jobs.iter().map(|job| job.id).collect::<Vec<_>>(), keyed), due))
 }
 
 fn run_at(job: &NewJob) -> DateTime<Utc> {
     job.run_at.unwrap_or_else(Utc::now)
-}
-
-/// Binds `$1`–`$11` of [`insert_job_and_ticket`].
-fn bind_job<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    job: &'q NewJob,
-) -> Result<sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>> {
-    let payload = serde_json::to_value(&job.payload).map_err(|e| decode_error("payload", e))?;
-    let ticket = serde_json::to_vec(&JobTicket { job_id: job.id }).map_err(|e| decode_error("ticket", e))?;
-    Ok(query
-        .bind(job.id.to_string())
-        .bind(job.payload.kind().as_str())
-        .bind(job.user_id.0)
-        .bind(job.payload.connection_id().map(|c| c.0))
-        .bind(job.exchange.as_str())
-        .bind(payload)
-        .bind(job.idempotency_key.as_deref())
-        .bind(run_at(job))
-        .bind(QUEUE)
-        .bind(ticket)
-        .bind(i32::from(TICKET_MAX_ATTEMPTS)))
 }
 
 pub(super) async fn cancel_connection_jobs(
@@ -439,9 +391,13 @@ impl PgBatches {
         let lanes = (max_connections as usize / 8).max(1);
         let enqueue = {
             let wakeups = wakeups.clone();
-            batch_fn(move |mut conn, items| {
+            batch_fn(move |mut conn, jobs: Vec<NewJob>| {
                 let wakeups = wakeups.clone();
-                async move { insert_batch(&mut *conn, &wakeups, items).await }
+                async move {
+                    let (records, due) = insert_rows(&mut *conn, &jobs).await?;
+                    wakeups.send(due);
+                    Ok(records)
+                }
             })
         };
         let get_job = batch_fn(|mut conn, keys| async move { get_jobs(&mut *conn, keys).await });
