@@ -208,6 +208,11 @@ pub struct AuthConfig {
     pub jwt_secret: Option<SecretString>,
     /// `JWT_AUDIENCE` — the required `aud` claim. Default `authenticated`.
     pub audience: String,
+    /// `PORTAL_SIGNIN_URL` — the portal page the web UI sends a signed-out user to. It is given
+    /// `redirect_to` and `state` and must send the user back to `redirect_to` with
+    /// `#access_token=…&expires_in=…&state=…`; the UI accepts a token only with the `state` it
+    /// issued. No default (the UI then has no way to sign in but the embedded default's links).
+    pub portal_signin_url: Option<Url>,
 }
 
 impl AuthConfig {
@@ -220,6 +225,10 @@ impl AuthConfig {
             supabase_url,
             jwt_secret: src.get("SUPABASE_JWT_SECRET").map(SecretString::from),
             audience: src.get("JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_string()),
+            portal_signin_url: match src.get("PORTAL_SIGNIN_URL") {
+                None => None,
+                Some(_) => Some(parse_url(src, "PORTAL_SIGNIN_URL", "")?),
+            },
         })
     }
 }
@@ -671,6 +680,7 @@ mod tests {
         assert!(c.vault.encryption_keys.is_none());
         assert!(!c.http.trust_proxy);
         assert_eq!(c.http.user_rate_limit_per_minute, 60);
+        assert!(c.auth.portal_signin_url.is_none());
     }
 
     #[test]
@@ -722,6 +732,7 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("CORS_ORIGINS", "https://app.tradeeon.com/path"),
             ("BINANCE_BASE_URL", "ftp://example.com"),
+            ("PORTAL_SIGNIN_URL", "javascript:alert(1)"),
             ("API_HOST", "localhost"),
             ("DATABASE_MAX_CONNECTIONS", "0"),
             ("MIGRATE_ON_START", "maybe"),
