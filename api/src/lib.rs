@@ -97,6 +97,7 @@ struct Settings {
     egress_ips: Vec<IpAddr>,
     kite_login: Url,
     cors_origins: Vec<String>,
+    portal_signin_url: Option<Url>,
 }
 
 impl AppState {
@@ -134,6 +135,7 @@ impl AppState {
                 egress_ips: config.egress.ips.clone(),
                 kite_login: config.exchanges.kite_login.clone(),
                 cors_origins: config.http.cors_origins.clone(),
+                portal_signin_url: config.auth.portal_signin_url.clone(),
             }),
             metrics: Arc::new(metrics),
             limiter: Arc::new(UserRateLimiter::new(config.http.user_rate_limit_per_minute)),
@@ -163,6 +165,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(metrics::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), strict_transport_security))
         .layer(TraceLayer::new_for_http());
     if let Some(cors) = cors(&state.settings.cors_origins) {
         app = app.layer(cors);
@@ -183,6 +186,28 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
             .expose_headers([header::RETRY_AFTER, header::LINK, HeaderName::from_static("www-authenticate")])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+/// HSTS on every answer to a request that reached the load balancer over https, so a browser
+/// never again sends this host a request (or an access token) in the clear. Only behind a
+/// trusted proxy: this process serves plain HTTP and learns the scheme from `X-Forwarded-Proto`.
+async fn strict_transport_security(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let https = state.settings.trust_proxy
+        && request
+            .headers()
+            .get("x-forwarded-proto")
+            .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+    let mut response = next.run(request).await;
+    if https {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=63072000; includeSubDomains"));
+    }
+    response
 }
 
 async fn request_timeout(request: Request, next: Next) -> Response {

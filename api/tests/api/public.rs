@@ -1,5 +1,5 @@
-//! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/metrics`), CORS, and the
-//! client address recorded in audit rows.
+//! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/metrics`, `/ui/config`),
+//! CORS, HSTS, and the client address recorded in audit rows.
 
 use serde_json::{Value, json};
 
@@ -14,6 +14,9 @@ both!(
 both_with!([("CORS_ORIGINS", "https://app.tradeeon.test")], cors_allows_only_configured_origins);
 both_with!([("TRUST_PROXY", "true")], forwarded_for_is_trusted_only_with_trust_proxy);
 both!(forwarded_for_is_ignored_by_default);
+both_with!([("TRUST_PROXY", "true")], hsts_only_for_requests_the_proxy_received_over_https);
+both!(hsts_needs_a_trusted_proxy);
+both_with!([("PORTAL_SIGNIN_URL", "https://portal.tradeeon.test/connect/signin")], ui_config_names_the_portal);
 
 async fn health_and_ready(app: TestApp) {
     let response = app.get("/health", None).await;
@@ -120,4 +123,37 @@ async fn forwarded_for_is_trusted_only_with_trust_proxy(app: TestApp) {
 
 async fn forwarded_for_is_ignored_by_default(app: TestApp) {
     assert_eq!(audit_ip(&app, "203.0.113.9").await, "127.0.0.1");
+}
+
+async fn hsts(app: &TestApp, path: &str, proto: Option<&str>) -> Option<String> {
+    let mut request = app.client.get(app.url(path));
+    if let Some(proto) = proto {
+        request = request.header("x-forwarded-proto", proto);
+    }
+    let response = request.send().await.unwrap();
+    response.headers().get("strict-transport-security").map(|v| v.to_str().unwrap().to_owned())
+}
+
+async fn hsts_only_for_requests_the_proxy_received_over_https(app: TestApp) {
+    for path in ["/", "/health", "/connections", "/no/such/route"] {
+        assert_eq!(
+            hsts(&app, path, Some("https")).await.as_deref(),
+            Some("max-age=63072000; includeSubDomains"),
+            "{path}"
+        );
+        assert_eq!(hsts(&app, path, Some("HTTPS")).await.as_deref(), Some("max-age=63072000; includeSubDomains"));
+        assert_eq!(hsts(&app, path, Some("http")).await, None, "{path}");
+        assert_eq!(hsts(&app, path, None).await, None, "{path}");
+    }
+}
+
+async fn hsts_needs_a_trusted_proxy(app: TestApp) {
+    // Without TRUST_PROXY the header is the client's word, and this process serves plain HTTP.
+    assert_eq!(hsts(&app, "/", Some("https")).await, None);
+}
+
+async fn ui_config_names_the_portal(app: TestApp) {
+    let config: Value = app.get("/ui/config", None).await.json().await.unwrap();
+    assert_eq!(config["portal_signin_url"], "https://portal.tradeeon.test/connect/signin");
+    assert_eq!(config["local_sign_in"], false);
 }
