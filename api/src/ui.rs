@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -144,6 +144,9 @@ fn serve(index: usize, request: &HeaderMap) -> Response {
     if asset.content_type.starts_with("text/html") {
         headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        // A page that opened this one (or that this one opens) gets no handle on it: it cannot
+        // navigate it to a crafted sign-in fragment or read anything of it.
+        headers.insert(HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin"));
     }
     response
 }
@@ -278,10 +281,15 @@ fn read_secret(path: &Path) -> anyhow::Result<SecretString> {
 struct UiConfig {
     /// Whether `/#signin=<code>` links work here (the embedded default without Supabase).
     local_sign_in: bool,
+    /// `PORTAL_SIGNIN_URL`: where the page sends a user to sign in.
+    portal_signin_url: Option<String>,
 }
 
 async fn config(State(state): State<AppState>) -> Json<UiConfig> {
-    Json(UiConfig { local_sign_in: state.local_sign_in.is_some() })
+    Json(UiConfig {
+        local_sign_in: state.local_sign_in.is_some(),
+        portal_signin_url: state.settings.portal_signin_url.as_ref().map(|url| url.to_string()),
+    })
 }
 
 #[derive(Deserialize)]

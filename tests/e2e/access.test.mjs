@@ -50,6 +50,7 @@ test('the UI routes serve the page and its assets, outside the API document', as
   assert.match(page.headers.get('content-type'), /^text\/html/);
   assert.match(page.headers.get('content-security-policy'), /frame-ancestors 'none'/);
   assert.equal(page.headers.get('x-content-type-options'), 'nosniff');
+  assert.equal(page.headers.get('cross-origin-opener-policy'), 'same-origin');
   const callback = await fetch(`${server.base}/kite/callback?status=success`);
   assert.equal(callback.status, 200);
   assert.match(await callback.text(), /<script type="module" src="\/ui\/js\/main.js">/);
@@ -75,7 +76,7 @@ test('the UI routes serve the page and its assets, outside the API document', as
   }
 
   const config = await (await fetch(`${server.base}/ui/config`)).json();
-  assert.deepEqual(config, { local_sign_in: true });
+  assert.deepEqual(config, { local_sign_in: true, portal_signin_url: null });
   const notJson = await fetch(`${server.base}/ui/local-signin`, { method: 'POST', body: 'code=x' });
   assert.equal(notJson.status, 415);
   const unknown = await fetch(`${server.base}/ui/local-signin`, {

@@ -4,7 +4,9 @@
 // end — also when a test fails or the runner is interrupted.
 
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -51,10 +53,11 @@ export async function until(predicate, { timeout = 30_000, interval = 100, what 
 }
 
 /**
- * Starts the server. `name` labels its log file in test-output/e2e/.
+ * Starts the server. `name` labels its log file in test-output/e2e/; `settings` are extra
+ * environment variables. Without `SUPABASE_JWT_SECRET` it signs in through its one-time links.
  * Returns `{base, keys, nextSignInLink(), log(), stop()}`.
  */
-export async function startServer(name) {
+export async function startServer(name, settings = {}) {
   if (!fs.existsSync(BINARY)) throw new Error(`${BINARY} does not exist: run cargo build first`);
   fs.mkdirSync(OUTPUT, { recursive: true });
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tradeeon-e2e-'));
@@ -70,7 +73,8 @@ export async function startServer(name) {
     HEALTH_SWEEP_INTERVAL: '1h',
     RUST_LOG: 'info',
     NO_COLOR: '1',
-  });
+  }, settings);
+  const localSignIn = !settings.SUPABASE_JWT_SECRET;
   const child = spawn(BINARY, ['serve', '--simulate'], { cwd: dir, env, stdio: ['ignore', 'pipe', 'pipe'] });
   running.add(child);
   let output = '';
@@ -114,7 +118,7 @@ export async function startServer(name) {
       return output.match(/API listening on (http:\/\/127\.0\.0\.1:\d+)/)?.[1];
     }, { timeout: 60_000, what: 'tradeeon serve to listen' });
     server.base = base;
-    await until(() => codes.length > 0, { timeout: 10_000, what: 'the first sign-in link' });
+    if (localSignIn) await until(() => codes.length > 0, { timeout: 10_000, what: 'the first sign-in link' });
     server.keys = parseSeededKeys(output);
   } catch (error) {
     await server.stop();
@@ -195,6 +199,29 @@ export function screenshots(prefix) {
     const modal = await page.locator('dialog[open]').count() > 0;
     await page.screenshot({ path: file, fullPage: !modal, ...options });
     return file;
+  };
+}
+
+/** A Supabase-style HS256 access token for `user` (`{id, email}`), signed with `secret`. */
+export function accessToken(secret, user, lifetimeSeconds = 3600) {
+  const now = Math.floor(Date.now() / 1000);
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const unsigned = `${encode({ alg: 'HS256', typ: 'JWT' })}.${encode({
+    sub: user.id, email: user.email, aud: 'authenticated', role: 'authenticated', iat: now, exp: now + lifetimeSeconds,
+  })}`;
+  return `${unsigned}.${crypto.createHmac('sha256', secret).update(unsigned).digest('base64url')}`;
+}
+
+/**
+ * A small web server on a loopback port of its own (so another origin than the service's).
+ * `handle(request, response, url)` answers. Returns `{base, close()}`.
+ */
+export async function startSite(handle) {
+  const site = http.createServer((request, response) => handle(request, response, new URL(request.url, 'http://x')));
+  await new Promise((resolve) => site.listen(0, '127.0.0.1', resolve));
+  return {
+    base: `http://127.0.0.1:${site.address().port}`,
+    close: () => new Promise((resolve) => { site.closeAllConnections(); site.close(resolve); }),
   };
 }
 

@@ -2,13 +2,22 @@
 // closed); credentials are never stored anywhere.
 //
 // Two ways in:
-//  * Production: the Tradeeon portal opens this page as `/#access_token=<Supabase access token>`
-//    (optionally `&expires_in=<seconds>`), the same fragment shape Supabase's own redirects use.
-//    A fragment never reaches a server or a Referer header; the page removes it at once.
+//  * Production: the page sends the user to the portal (`PORTAL_SIGNIN_URL`) with `redirect_to`
+//    and a fresh random `state`, kept in this tab's sessionStorage. The portal sends the user
+//    back as `/#access_token=<Supabase access token>&expires_in=<seconds>&state=<state>`. A token
+//    is accepted only with the state this tab issued, once, within ten minutes: a link or a
+//    navigation crafted by someone else (who cannot know the state) never signs anyone in.
 //  * Embedded default: `tradeeon serve` prints `/#signin=<one-time code>`; the page trades the
-//    code for a short-lived local token (`POST /ui/local-signin`) and renews it while open.
+//    code for a short-lived token of the one local user (`POST /ui/local-signin`) and renews it
+//    while open.
+// Either way the fragment is read when the page loads and removed at once. A signed-in session is
+// never replaced by another account's without the user confirming it (see `main.js`).
 
 const STORAGE_KEY = 'tradeeon.session';
+/** The sign-in this tab started: `{state, startedAt}`. */
+const PENDING_KEY = 'tradeeon.signin';
+/** How long the portal may take to send the user back. */
+const PENDING_LIFETIME_MS = 10 * 60 * 1000;
 /** Renew a local token this long before it expires. */
 const RENEW_BEFORE_MS = 5 * 60 * 1000;
 
@@ -38,25 +47,33 @@ export function token() {
   return read()?.token ?? null;
 }
 
-/** The token's claims (unverified: for display only). */
-export function claims() {
-  const t = token();
-  if (!t) return null;
+/** The claims of `jwt` (unverified: for display and comparison only). */
+function claimsOf(jwt) {
   try {
-    const payload = t.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const payload = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
     return JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, '=')));
   } catch {
     return null;
   }
 }
 
+/** The current token's claims (unverified: for display only). */
+export function claims() {
+  const t = token();
+  return t ? claimsOf(t) : null;
+}
+
+/** How a session is named to its user: the email, else the user id. */
+export function accountName(session) {
+  const c = claimsOf(session.token);
+  return c?.email || c?.sub || 'an unknown account';
+}
+
 function expiryOf(jwt, expiresIn) {
   if (Number.isFinite(expiresIn) && expiresIn > 0) return Date.now() + expiresIn * 1000;
-  try {
-    const payload = JSON.parse(atob(jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/')));
-    if (Number.isFinite(payload.exp)) return payload.exp * 1000;
-  } catch { /* not a JWT we can read: let the API decide */ }
-  return null;
+  const exp = claimsOf(jwt)?.exp;
+  // Not a JWT we can read: let the API decide.
+  return Number.isFinite(exp) ? exp * 1000 : null;
 }
 
 export function signOut(reason = '') {
@@ -78,16 +95,60 @@ function cleanFragment() {
   history.replaceState(history.state, '', location.pathname + location.search);
 }
 
+function randomState() {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+}
+
+/** Sends the user to the portal to sign in; it comes back with a token and this state. */
+export function startPortalSignIn(portalUrl) {
+  const state = randomState();
+  sessionStorage.setItem(PENDING_KEY, JSON.stringify({ state, startedAt: Date.now() }));
+  const url = new URL(portalUrl);
+  url.searchParams.set('redirect_to', `${location.origin}/`);
+  url.searchParams.set('state', state);
+  location.assign(url.href);
+}
+
+/** Uses up the pending sign-in: true when `state` is the one this tab issued, in time. */
+function answersPendingSignIn(state) {
+  let pending = null;
+  try {
+    pending = JSON.parse(sessionStorage.getItem(PENDING_KEY) || 'null');
+  } catch { /* unreadable: no pending sign-in */ }
+  sessionStorage.removeItem(PENDING_KEY);
+  return Boolean(
+    state && pending && typeof pending.state === 'string' && pending.state === state
+      && Date.now() - pending.startedAt < PENDING_LIFETIME_MS,
+  );
+}
+
+/** Whether the fragment carries a sign-in of either kind. */
+export function fragmentHasSignIn() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  return fragment.has('access_token') || fragment.has('signin');
+}
+
+/** Drops a sign-in fragment that arrived after the page loaded: only a load may sign in. */
+export function ignoreFragment() {
+  cleanFragment();
+}
+
 /**
- * Reads a sign-in fragment, if any. Returns an error message to show, or ''.
+ * Reads the sign-in fragment, if any, and removes it from the address bar. Returns
+ * `{error}` (a message to show), `{session}` (a new session to take: the caller decides, see
+ * `replaces`) or `{}` when there was nothing to read.
  */
 export async function consumeFragment() {
   const fragment = new URLSearchParams(location.hash.slice(1));
   if (fragment.has('access_token')) {
     const jwt = fragment.get('access_token');
+    const started = answersPendingSignIn(fragment.get('state'));
     cleanFragment();
-    write({ token: jwt, expiresAt: expiryOf(jwt, Number(fragment.get('expires_in'))), local: false });
-    return '';
+    if (!started) {
+      return { error: 'That sign-in link was not started from this page, so it was ignored. Sign in here instead.' };
+    }
+    return { session: { token: jwt, expiresAt: expiryOf(jwt, Number(fragment.get('expires_in'))), local: false } };
   }
   if (fragment.has('signin')) {
     const code = fragment.get('signin');
@@ -100,16 +161,28 @@ export async function consumeFragment() {
         body: JSON.stringify({ code }),
       });
     } catch {
-      return 'Could not reach the service to sign in. Is tradeeon serve running?';
+      return { error: 'Could not reach the service to sign in. Is tradeeon serve running?' };
     }
     const body = await response.json().catch(() => null);
     if (!response.ok) {
-      return body?.error?.message || 'This sign-in link did not work.';
+      return { error: body?.error?.message || 'This sign-in link did not work.' };
     }
-    write({ token: body.access_token, expiresAt: Date.now() + body.expires_in * 1000, local: true });
-    return '';
+    return { session: { token: body.access_token, expiresAt: Date.now() + body.expires_in * 1000, local: true } };
   }
-  return '';
+  return {};
+}
+
+/** The signed-in session that `session` would replace, if it is another account's. */
+export function replaces(session) {
+  const current = read();
+  if (!current) return null;
+  const same = claimsOf(current.token)?.sub === claimsOf(session.token)?.sub;
+  return same ? null : current;
+}
+
+/** Makes `session` the page's session. */
+export function accept(session) {
+  write(session);
 }
 
 function scheduleRenewal() {

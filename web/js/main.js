@@ -3,7 +3,8 @@
 import * as auth from './auth.js';
 import * as api from './api.js';
 import * as connections from './connections.js';
-import { $, sleep } from './dom.js';
+import { button, openDialog } from './dialog.js';
+import { $, h, sleep } from './dom.js';
 import * as modals from './modals.js';
 import * as security from './security.js';
 import * as wizard from './wizard.js';
@@ -25,14 +26,48 @@ async function showSignIn(message = '') {
   $('#signin').hidden = false;
   $('#signin-message').textContent = message;
   document.title = 'Sign in · Tradeeon Connect';
+  let config = {};
   try {
-    const config = await (await fetch('/ui/config', { cache: 'no-store' })).json();
-    $('#signin-local').hidden = !config.local_sign_in;
-  } catch {
-    $('#signin-local').hidden = true;
-  }
+    config = await (await fetch('/ui/config', { cache: 'no-store' })).json();
+  } catch { /* the service is not answering: say nothing about how to sign in */ }
+  $('#signin-local').hidden = !config.local_sign_in;
+  $('#signin-portal').hidden = !config.portal_signin_url;
+  $('#signin-unavailable').hidden = Boolean(config.local_sign_in || config.portal_signin_url);
+  $('#signin-portal-button').onclick = () => auth.startPortalSignIn(config.portal_signin_url);
   $('#signin-title').setAttribute('tabindex', '-1');
   $('#signin-title').focus();
+}
+
+/** Asks whether to replace the signed-in account `current` by `next`; true to switch. */
+function confirmSwitch(current, next) {
+  return new Promise((resolve) => {
+    let answer = false;
+    const dialog = openDialog({ title: 'Switch accounts?', className: 'switch-account', onClose: () => resolve(answer) });
+    dialog.body.append(
+      h('p', {}, 'You are signed in as ', h('strong', { text: current }), '. This sign-in is for ',
+        h('strong', { text: next }), '.'),
+      h('p', { text: `Exchange keys you add after switching are saved to ${next}.` }),
+    );
+    const stay = button(`Stay signed in as ${current}`, { kind: 'primary', onclick: () => dialog.close() });
+    const change = button(`Switch to ${next}`, { onclick: () => { answer = true; dialog.close(); } });
+    dialog.footer.append(change, stay);
+    stay.focus();
+  });
+}
+
+/**
+ * Takes the sign-in the fragment carries, if any. A session of another account than the one
+ * signed in replaces it only when the user says so. Returns an error message to show, or ''.
+ */
+async function signInFromFragment() {
+  const { error, session } = await auth.consumeFragment();
+  if (!session) return error ?? '';
+  const current = auth.replaces(session);
+  if (current && !(await confirmSwitch(auth.accountName(current), auth.accountName(session)))) {
+    return `You are still signed in as ${auth.accountName(current)}.`;
+  }
+  auth.accept(session);
+  return '';
 }
 
 /** Loads the exchange catalog, retrying while the service starts. */
@@ -99,7 +134,7 @@ async function boot() {
   auth.onChange(({ signedIn, reason }) => {
     if (!signedIn) showSignIn(reason);
   });
-  const signInError = await auth.consumeFragment();
+  const signInMessage = await signInFromFragment();
   // Kite's redirect back: take its parameters and drop them from the address bar at once (the
   // request token is single-use, but it need not linger in the history either).
   let kiteCallback = null;
@@ -108,23 +143,35 @@ async function boot() {
     history.replaceState(null, '', '/');
   }
   if (!auth.token()) {
-    await showSignIn(signInError || (kiteCallback ? 'Sign in first, then log in to Kite again.' : ''));
+    await showSignIn(signInMessage || (kiteCallback ? 'Sign in first, then log in to Kite again.' : ''));
     return;
   }
+  showNotice(signInMessage);
   auth.start();
   await showApp(kiteCallback);
 }
 
-// A sign-in link opened in a tab that already shows the page only changes the fragment.
+// A fragment that changes after load never carries a token in: the page did not navigate, so
+// whoever changed it (another page holding this window, a crafted link) is not the sign-in this
+// page started. The embedded default's one-time links are the exception: they can only sign in
+// the one local user, and opening a new link in the same tab should work.
 window.addEventListener('hashchange', async () => {
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  if (!fragment.has('signin') && !fragment.has('access_token')) return;
-  const error = await auth.consumeFragment();
-  if (auth.token() && !error) {
+  if (!auth.fragmentHasSignIn()) return;
+  if (new URLSearchParams(location.hash.slice(1)).has('access_token')) {
+    auth.ignoreFragment();
+    showNotice('A sign-in link was opened in this tab after it loaded and was ignored.');
+    return;
+  }
+  const signedIn = Boolean(auth.token());
+  const message = await signInFromFragment();
+  if (!auth.token()) {
+    await showSignIn(message);
+  } else if (signedIn) {
+    showNotice(message);
+  } else {
+    showNotice('');
     auth.start();
     await showApp(null);
-  } else {
-    await showSignIn(error);
   }
 });
 
