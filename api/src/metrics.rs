@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
@@ -18,6 +18,23 @@ const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 /// Route label for requests that matched no route (keeps the label set bounded).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The method label: one of HTTP's standard methods, or `other`. The caller chooses the method,
+/// and every new label value would be a set of series kept for the life of the process.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
 
 pub struct ApiMetrics {
     /// `tradeeon_http_requests_total{method, route, status}`
@@ -59,7 +76,8 @@ impl ApiMetrics {
         self.jobs_enqueued.with_label_values(&[kind.as_str()]).inc();
     }
 
-    fn observe(&self, method: &str, route: &str, status: u16, started: Instant) {
+    fn observe(&self, method: &Method, route: &str, status: u16, started: Instant) {
+        let method = method_label(method);
         self.requests.with_label_values(&[method, route, status.to_string().as_str()]).inc();
         self.latency.with_label_values(&[method, route]).observe(started.elapsed().as_secs_f64());
     }
@@ -68,7 +86,7 @@ impl ApiMetrics {
 /// Middleware (as a route layer, so the route template is known): counts and times requests.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = request.method().clone();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -83,7 +101,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 pub async fn not_found(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
     let response = ApiError::NotFound.into_response();
-    state.metrics.observe(request.method().as_str(), UNMATCHED_ROUTE, response.status().as_u16(), started);
+    state.metrics.observe(request.method(), UNMATCHED_ROUTE, response.status().as_u16(), started);
     response
 }
 

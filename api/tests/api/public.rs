@@ -9,7 +9,8 @@ both!(
     health_and_ready,
     ready_is_503_when_the_database_is_gone,
     exchanges_and_egress_need_no_token,
-    metrics_count_requests_and_jobs
+    metrics_count_requests_and_jobs,
+    odd_requests_add_no_metric_series
 );
 both_with!([("CORS_ORIGINS", "https://app.tradeeon.test")], cors_allows_only_configured_origins);
 both_with!([("TRUST_PROXY", "true")], forwarded_for_is_trusted_only_with_trust_proxy);
@@ -79,6 +80,39 @@ async fn metrics_count_requests_and_jobs(app: TestApp) {
     }
     // The registry in AppState is the one rendered.
     assert!(!app.metrics_registry.gather().is_empty());
+}
+
+fn series(app: &TestApp) -> usize {
+    app.metrics_registry.gather().iter().map(|family| family.get_metric().len()).sum()
+}
+
+async fn odd_requests_add_no_metric_series(app: TestApp) {
+    let send = |method: &str, path: String, header: (String, String)| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        app.client.request(method, app.url(&path)).header(header.0, header.1).send()
+    };
+    // One request of each shape first: the series they need exist from then on.
+    for (method, path) in [("BREW", "/connections"), ("BREW", "/nowhere"), ("GET", "/nowhere"), ("GET", "/connections")]
+    {
+        send(method, path.to_owned(), ("x-first".into(), "1".into())).await.unwrap();
+    }
+    let before = series(&app);
+    // A caller choosing every method, path and header it likes cannot add a series.
+    for i in 0..300 {
+        let method = format!("M{i:03}X");
+        for path in [format!("/p{i}/{}", i * 7919), "/connections".to_owned(), format!("/jobs/{i}")] {
+            let response = send(&method, path, (format!("x-odd-{i}"), format!("v{i}"))).await.unwrap();
+            assert!(response.status().is_client_error(), "{}", response.status());
+        }
+        send("GET", format!("/q{i}?a={i}"), (format!("x-odd-{i}"), "v".into())).await.unwrap();
+    }
+    assert_eq!(series(&app), before, "the flood added series");
+    let text = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        text.contains(r#"tradeeon_http_requests_total{method="other",route="unmatched",status="404"} 301"#),
+        "{text}"
+    );
+    assert!(!text.contains("M000X"), "a caller's method became a label");
 }
 
 async fn cors_allows_only_configured_origins(app: TestApp) {
