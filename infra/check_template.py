@@ -63,6 +63,17 @@ def resources_of(template: dict, kind: str) -> dict[str, dict]:
     return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
 
 
+def entries(items: list) -> list:
+    """A list's entries, an `!If [condition, a, b]` entry counting as whichever of a and b is there."""
+    out = []
+    for item in items:
+        if isinstance(item, dict) and "Fn::If" in item:
+            out += [branch for branch in item["Fn::If"][1:] if branch != {"Ref": "AWS::NoValue"}]
+        else:
+            out.append(item)
+    return out
+
+
 def check_containers(template: dict, rust: str) -> None:
     api = container(template, "ApiTaskDefinition")
     worker = container(template, "WorkerTaskDefinition")
@@ -93,9 +104,9 @@ def check_containers(template: dict, rust: str) -> None:
         log = definition.get("LogConfiguration", {})
         check(log.get("LogDriver") == "awslogs", f"{name}: logs must go to CloudWatch Logs")
 
-    secrets = {s["Name"] for s in api.get("Secrets", [])}
+    secrets = {s["Name"] for s in entries(api.get("Secrets", []))}
     check(secrets == SECRET_VARIABLES, f"api: Secrets must be exactly {sorted(SECRET_VARIABLES)}, got {sorted(secrets)}")
-    secrets = {s["Name"] for s in worker.get("Secrets", [])}
+    secrets = {s["Name"] for s in entries(worker.get("Secrets", []))}
     check(
         secrets == {"DATABASE_URL", "ENCRYPTION_KEY"},
         f"worker: Secrets must be exactly DATABASE_URL and ENCRYPTION_KEY, got {sorted(secrets)}",

@@ -40,6 +40,10 @@ pub enum AuthError {
     Subject,
     #[error("the token was signed by an unknown key")]
     UnknownKey,
+    #[error("the token was issued by another Supabase project")]
+    Issuer,
+    #[error("anonymous sign-ins cannot manage exchange connections: sign in with an account")]
+    Anonymous,
     #[error("token verification is not configured on this server")]
     NotConfigured,
 }
@@ -49,6 +53,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "unauthenticated",
             AuthError::Expired => "token_expired",
+            AuthError::Anonymous => "anonymous_user",
             _ => "invalid_token",
         }
     }
@@ -67,11 +72,16 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     email: Option<String>,
+    /// Supabase marks the users of anonymous sign-ins.
+    #[serde(default)]
+    is_anonymous: bool,
 }
 
 /// Verifies access tokens. Cheap to share behind an `Arc`.
 pub struct Authenticator {
     audience: String,
+    /// `SUPABASE_URL/auth/v1`, the `iss` of the project's tokens, when SUPABASE_URL is set.
+    issuer: Option<String>,
     hs256_secret: Option<SecretString>,
     jwks: Option<JwksCache>,
 }
@@ -86,12 +96,10 @@ impl Authenticator {
         supabase_url: Option<&Url>,
         http: reqwest::Client,
     ) -> Self {
-        let jwks = supabase_url.map(|base| {
-            let url =
-                base.join("auth/v1/.well-known/jwks.json").expect("a base URL joined with a relative path is a URL");
-            JwksCache::new(url, http)
-        });
-        Self { audience, hs256_secret, jwks }
+        let join = |path| supabase_url.map(|base| base.join(path).expect("a base URL joined with a relative path"));
+        let jwks = join("auth/v1/.well-known/jwks.json").map(|url| JwksCache::new(url, http));
+        let issuer = join("auth/v1").map(String::from);
+        Self { audience, issuer, hs256_secret, jwks }
     }
 
     pub async fn verify(&self, token: &str) -> Result<AuthenticatedUser, AuthError> {
@@ -117,6 +125,10 @@ impl Authenticator {
         validation.set_audience(&[&self.audience]);
         // `sub` is checked below, to report a missing one as a subject problem.
         validation.set_required_spec_claims(&["exp", "aud"]);
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
@@ -126,10 +138,15 @@ impl Authenticator {
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAudience => AuthError::Audience,
+                ErrorKind::InvalidIssuer => AuthError::Issuer,
+                ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => AuthError::Issuer,
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
                 _ => AuthError::Malformed,
             }
         })?;
+        if data.claims.is_anonymous {
+            return Err(AuthError::Anonymous);
+        }
         let sub = data.claims.sub.ok_or(AuthError::Subject)?;
         let id = Uuid::parse_str(&sub).map_err(|_| AuthError::Subject)?;
         let email = data.claims.email.filter(|e| !e.is_empty() && e.len() <= 320);
@@ -137,14 +154,18 @@ impl Authenticator {
     }
 }
 
-/// The project's public keys, fetched from the JWKS endpoint and cached. An unknown `kid` (key
-/// rotation) triggers a refetch, at most once per [`JwksCache::REFRESH_INTERVAL`] so a flood of
-/// forged `kid`s cannot turn us into a load generator against Supabase.
+/// The project's public keys, fetched from the JWKS endpoint and cached for as long as its
+/// `Cache-Control: max-age` says, but never longer than [`JwksCache::MAX_AGE`]: a signing key the
+/// project revoked stops verifying within that time, without a restart. An unknown `kid` (key
+/// rotation) triggers a refetch too, at most once per [`JwksCache::REFRESH_INTERVAL`] so a flood
+/// of forged `kid`s cannot turn us into a load generator against Supabase.
 struct JwksCache {
     url: Url,
     http: reqwest::Client,
     keys: RwLock<HashMap<String, (Algorithm, DecodingKey)>>,
     last_fetch: Mutex<Option<Instant>>,
+    /// When the keys must be fetched again (`None`: never fetched).
+    expires: Mutex<Option<Instant>>,
     /// Held while deciding on and doing a refetch, so that requests arriving together with a new
     /// `kid` wait for the one refetch instead of failing while it is in flight.
     refreshing: tokio::sync::Mutex<()>,
@@ -152,6 +173,10 @@ struct JwksCache {
 
 impl JwksCache {
     const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+    /// The longest the keys are used without asking again, whatever `Cache-Control` says.
+    const MAX_AGE: Duration = Duration::from_secs(600);
+    /// The shortest: an answer marked `no-cache` is fetched again at most this often.
+    const MIN_AGE: Duration = Duration::from_secs(1);
 
     fn new(url: Url, http: reqwest::Client) -> Self {
         Self {
@@ -159,20 +184,25 @@ impl JwksCache {
             http,
             keys: RwLock::new(HashMap::new()),
             last_fetch: Mutex::new(None),
+            expires: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
         }
     }
 
     async fn key(&self, kid: &str, alg: Algorithm) -> Result<DecodingKey, AuthError> {
-        if let Some(found) = self.lookup(kid, alg).await? {
+        if !self.stale()
+            && let Some(found) = self.lookup(kid, alg).await?
+        {
             return Ok(found);
         }
         let _refreshing = self.refreshing.lock().await;
         // Another request may have refetched while this one waited.
-        if let Some(found) = self.lookup(kid, alg).await? {
+        if !self.stale()
+            && let Some(found) = self.lookup(kid, alg).await?
+        {
             return Ok(found);
         }
-        if self.may_refresh() {
+        if self.stale() || self.may_refresh() {
             self.refresh().await;
         }
         self.lookup(kid, alg).await?.ok_or(AuthError::UnknownKey)
@@ -187,6 +217,10 @@ impl JwksCache {
         }
     }
 
+    fn stale(&self) -> bool {
+        self.expires.lock().expect("jwks lock poisoned").is_none_or(|at| Instant::now() >= at)
+    }
+
     fn may_refresh(&self) -> bool {
         let mut last = self.last_fetch.lock().expect("jwks lock poisoned");
         match *last {
@@ -199,20 +233,44 @@ impl JwksCache {
     }
 
     async fn refresh(&self) {
+        *self.last_fetch.lock().expect("jwks lock poisoned") = Some(Instant::now());
         let fetched = async {
             let response = self.http.get(self.url.clone()).send().await?.error_for_status()?;
-            response.json::<JwkSet>().await
+            let max_age = max_age(response.headers());
+            Ok::<_, reqwest::Error>((response.json::<JwkSet>().await?, max_age))
         }
         .await;
-        match fetched {
-            Ok(set) => {
+        let retry_in = match fetched {
+            Ok((set, max_age)) => {
                 let keys: HashMap<_, _> = set.keys.iter().filter_map(usable_key).collect();
                 tracing::info!(keys = keys.len(), "refreshed the Supabase JWKS");
                 *self.keys.write().await = keys;
+                max_age.unwrap_or(Self::MAX_AGE).clamp(Self::MIN_AGE, Self::MAX_AGE)
             }
-            Err(err) => tracing::warn!(error = %err, url = %self.url, "could not fetch the Supabase JWKS"),
-        }
+            Err(err) => {
+                // The keys we have stay in use until Supabase answers again.
+                tracing::warn!(error = %err, url = %self.url, "could not fetch the Supabase JWKS");
+                Self::REFRESH_INTERVAL
+            }
+        };
+        *self.expires.lock().expect("jwks lock poisoned") = Some(Instant::now() + retry_in);
     }
+}
+
+fn max_age(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    max_age_of(headers.get(reqwest::header::CACHE_CONTROL)?.to_str().ok()?)
+}
+
+/// How long a `Cache-Control` value lets an answer be reused: `max-age`, or nothing for
+/// `no-cache` and `no-store`; `None` when it does not say.
+pub fn max_age_of(value: &str) -> Option<Duration> {
+    value.split(',').map(str::trim).find_map(|directive| {
+        let directive = directive.to_ascii_lowercase();
+        if directive == "no-cache" || directive == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        directive.strip_prefix("max-age=")?.trim_matches('"').parse().ok().map(Duration::from_secs)
+    })
 }
 
 /// Keeps signing keys we can use: an id, an algorithm we accept that matches the key type.

@@ -109,7 +109,9 @@ impl AppState {
         keyring: Arc<Keyring>,
         registry: prometheus::Registry,
     ) -> anyhow::Result<Self> {
+        // No redirects: the JWKS is fetched from exactly SUPABASE_URL's host.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(JWKS_TIMEOUT)
             .build()
             .context("could not build the HTTP client for the Supabase JWKS")?;

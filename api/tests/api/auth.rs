@@ -1,5 +1,5 @@
 //! Supabase token verification: HS256 and JWKS (ES256, RS256) over real HTTP, the rejection
-//! corpus, and the JWKS refetch rate limit.
+//! corpus, the issuer and anonymous users, and when the JWKS is fetched again.
 
 use secrecy::SecretString;
 use serde_json::json;
@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     self, AUDIENCE, EC_KID, JWT_SECRET, JwksServer, Keys, RSA_KID, RSA_PUBLIC_PEM, TestApp, claims, es256, hs256,
-    raw_token, rs256,
+    project_claims, raw_token, rs256,
 };
 
 async fn authenticator() -> (Authenticator, Keys, JwksServer) {
@@ -27,8 +27,11 @@ async fn authenticator() -> (Authenticator, Keys, JwksServer) {
 async fn accepts_hs256_es256_and_rs256_tokens() {
     let (auth, keys, jwks) = authenticator().await;
     let user = Uuid::new_v4();
-    for token in [hs256(&claims(user), JWT_SECRET), es256(&claims(user), &keys, EC_KID), rs256(&claims(user), RSA_KID)]
-    {
+    for token in [
+        hs256(&jwks.claims(user), JWT_SECRET),
+        es256(&jwks.claims(user), &keys, EC_KID),
+        rs256(&jwks.claims(user), RSA_KID),
+    ] {
         let verified = auth.verify(&token).await.expect("valid token");
         assert_eq!(verified.id.0, user);
         assert_eq!(verified.email.as_deref(), Some(format!("{user}@example.com").as_str()));
@@ -38,11 +41,11 @@ async fn accepts_hs256_es256_and_rs256_tokens() {
 
 #[tokio::test]
 async fn rejection_corpus() {
-    let (auth, keys, _jwks) = authenticator().await;
+    let (auth, keys, jwks) = authenticator().await;
     let user = Uuid::new_v4();
     let now = chrono::Utc::now().timestamp();
     let with = |patch: serde_json::Value| {
-        let mut c = claims(user);
+        let mut c = jwks.claims(user);
         for (k, v) in patch.as_object().unwrap() {
             if v.is_null() {
                 c.as_object_mut().unwrap().remove(k);
@@ -54,23 +57,23 @@ async fn rejection_corpus() {
     };
 
     let cases: Vec<(&str, String, AuthError)> = vec![
-        ("alg none", raw_token(&json!({"alg": "none", "typ": "JWT"}), &claims(user), None), AuthError::Malformed),
-        ("alg None spelled oddly", raw_token(&json!({"alg": "None"}), &claims(user), None), AuthError::Malformed),
+        ("alg none", raw_token(&json!({"alg": "none", "typ": "JWT"}), &jwks.claims(user), None), AuthError::Malformed),
+        ("alg None spelled oddly", raw_token(&json!({"alg": "None"}), &jwks.claims(user), None), AuthError::Malformed),
         (
             "HS256 signed with the RSA public key (algorithm confusion)",
-            raw_token(&json!({"alg": "HS256", "kid": RSA_KID}), &claims(user), Some(RSA_PUBLIC_PEM.as_bytes())),
+            raw_token(&json!({"alg": "HS256", "kid": RSA_KID}), &jwks.claims(user), Some(RSA_PUBLIC_PEM.as_bytes())),
             AuthError::BadSignature,
         ),
         (
             "HS256 signed with the EC public key (algorithm confusion)",
-            raw_token(&json!({"alg": "HS256", "kid": EC_KID}), &claims(user), Some(keys.ec_public_pem.as_bytes())),
+            raw_token(&json!({"alg": "HS256", "kid": EC_KID}), &jwks.claims(user), Some(keys.ec_public_pem.as_bytes())),
             AuthError::BadSignature,
         ),
-        ("RS256 with the HS kid of the JWKS", rs256(&claims(user), "hs-key"), AuthError::UnknownKey),
-        ("RS256 naming the EC key", rs256(&claims(user), EC_KID), AuthError::Algorithm),
+        ("RS256 with the HS kid of the JWKS", rs256(&jwks.claims(user), "hs-key"), AuthError::UnknownKey),
+        ("RS256 naming the EC key", rs256(&jwks.claims(user), EC_KID), AuthError::Algorithm),
         (
             "HS384",
-            raw_token(&json!({"alg": "HS384"}), &claims(user), Some(JWT_SECRET.as_bytes())),
+            raw_token(&json!({"alg": "HS384"}), &jwks.claims(user), Some(JWT_SECRET.as_bytes())),
             AuthError::Algorithm,
         ),
         ("expired", hs256(&with(json!({"exp": now - 3600})), JWT_SECRET), AuthError::Expired),
@@ -80,8 +83,8 @@ async fn rejection_corpus() {
         ("missing exp", hs256(&with(json!({"exp": null})), JWT_SECRET), AuthError::Malformed),
         ("missing sub", hs256(&with(json!({"sub": null})), JWT_SECRET), AuthError::Subject),
         ("non-UUID sub", hs256(&with(json!({"sub": "admin"})), JWT_SECRET), AuthError::Subject),
-        ("wrong secret", hs256(&claims(user), "not-the-secret"), AuthError::BadSignature),
-        ("unknown kid", es256(&claims(user), &keys, "rotated-away"), AuthError::UnknownKey),
+        ("wrong secret", hs256(&jwks.claims(user), "not-the-secret"), AuthError::BadSignature),
+        ("unknown kid", es256(&jwks.claims(user), &keys, "rotated-away"), AuthError::UnknownKey),
         (
             "ES256 without kid",
             {
@@ -89,7 +92,7 @@ async fn rejection_corpus() {
                 h.kid = None;
                 jsonwebtoken::encode(
                     &h,
-                    &claims(user),
+                    &jwks.claims(user),
                     &jsonwebtoken::EncodingKey::from_ec_pem(keys.ec_pem.as_bytes()).unwrap(),
                 )
                 .unwrap()
@@ -102,9 +105,9 @@ async fn rejection_corpus() {
         (
             "tampered payload",
             {
-                let token = hs256(&claims(user), JWT_SECRET);
+                let token = hs256(&jwks.claims(user), JWT_SECRET);
                 let parts: Vec<&str> = token.split('.').collect();
-                let other = hs256(&claims(Uuid::new_v4()), JWT_SECRET);
+                let other = hs256(&jwks.claims(Uuid::new_v4()), JWT_SECRET);
                 format!("{}.{}.{}", parts[0], other.split('.').nth(1).unwrap(), parts[2])
             },
             AuthError::BadSignature,
@@ -120,24 +123,97 @@ async fn unknown_kids_refetch_the_jwks_at_most_once_per_minute() {
     let (auth, keys, jwks) = authenticator().await;
     let user = Uuid::new_v4();
     // First asymmetric token: one fetch.
-    auth.verify(&es256(&claims(user), &keys, EC_KID)).await.unwrap();
+    auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap();
     assert_eq!(jwks.hits(), 1);
     // A flood of forged kids right after: no more fetches.
     for i in 0..20 {
-        let err = auth.verify(&es256(&claims(user), &keys, &format!("forged-{i}"))).await.unwrap_err();
+        let err = auth.verify(&es256(&jwks.claims(user), &keys, &format!("forged-{i}"))).await.unwrap_err();
         assert_eq!(err, AuthError::UnknownKey);
     }
     assert_eq!(jwks.hits(), 1, "refetches are limited to one per minute");
     // Known keys keep working from the cache.
-    auth.verify(&rs256(&claims(user), RSA_KID)).await.unwrap();
+    auth.verify(&rs256(&jwks.claims(user), RSA_KID)).await.unwrap();
     assert_eq!(jwks.hits(), 1);
+}
+
+#[tokio::test]
+async fn only_this_projects_tokens_are_accepted() {
+    let (auth, keys, jwks) = authenticator().await;
+    let user = Uuid::new_v4();
+    let mut foreign = jwks.claims(user);
+    foreign["iss"] = json!("https://another-project.supabase.co/auth/v1");
+    let mut missing = jwks.claims(user);
+    missing.as_object_mut().unwrap().remove("iss");
+    for claims in [&foreign, &missing] {
+        assert_eq!(auth.verify(&hs256(claims, JWT_SECRET)).await.unwrap_err(), AuthError::Issuer);
+        assert_eq!(auth.verify(&es256(claims, &keys, EC_KID)).await.unwrap_err(), AuthError::Issuer);
+    }
+    assert_eq!(jwks.claims(user)["iss"], format!("{}auth/v1", jwks.url));
+    assert!(auth.verify(&hs256(&jwks.claims(user), JWT_SECRET)).await.is_ok());
+    // Without SUPABASE_URL there is no project to compare with: HS256 tokens need no `iss`.
+    let auth = Authenticator::new(AUDIENCE.into(), Some(SecretString::from(JWT_SECRET)), None, reqwest::Client::new());
+    assert!(auth.verify(&hs256(&missing, JWT_SECRET)).await.is_ok());
+}
+
+#[tokio::test]
+async fn anonymous_sign_ins_are_refused() {
+    let (auth, keys, jwks) = authenticator().await;
+    let mut anonymous = jwks.claims(Uuid::new_v4());
+    anonymous["is_anonymous"] = json!(true);
+    assert_eq!(auth.verify(&hs256(&anonymous, JWT_SECRET)).await.unwrap_err(), AuthError::Anonymous);
+    assert_eq!(auth.verify(&es256(&anonymous, &keys, EC_KID)).await.unwrap_err(), AuthError::Anonymous);
+    anonymous["is_anonymous"] = json!(false);
+    assert!(auth.verify(&hs256(&anonymous, JWT_SECRET)).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_revoked_signing_key_stops_verifying_when_the_jwks_expires() {
+    let (auth, keys, jwks) = authenticator().await;
+    jwks.set_cache_control(Some("public, max-age=1"));
+    let user = Uuid::new_v4();
+    auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap();
+    assert_eq!(jwks.hits(), 1);
+    // The project revokes its EC key; the RSA key stays.
+    jwks.publish(json!({ "keys": [keys.rsa_jwk] }));
+    auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap();
+    assert_eq!(jwks.hits(), 1, "within max-age the cached set is used");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap_err(), AuthError::UnknownKey);
+    assert_eq!(jwks.hits(), 2);
+    auth.verify(&rs256(&jwks.claims(user), RSA_KID)).await.unwrap();
+    assert_eq!(jwks.hits(), 2);
+}
+
+#[tokio::test]
+async fn keys_stay_in_use_while_the_jwks_is_down_and_are_not_refetched_in_a_loop() {
+    let (auth, keys, jwks) = authenticator().await;
+    jwks.set_cache_control(Some("no-cache"));
+    let user = Uuid::new_v4();
+    auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap();
+    jwks.set_failing(true);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..10 {
+        auth.verify(&es256(&jwks.claims(user), &keys, EC_KID)).await.unwrap();
+    }
+    assert_eq!(jwks.hits(), 2, "one failed refetch, then a pause");
+}
+
+#[test]
+fn the_max_age_is_read_from_cache_control() {
+    use tradeeon_api::auth::max_age_of;
+    let secs = |value: &str| max_age_of(value).map(|d| d.as_secs());
+    assert_eq!(secs("public, max-age=600"), Some(600));
+    assert_eq!(secs("Max-Age=30, must-revalidate"), Some(30));
+    assert_eq!(secs("no-cache"), Some(0));
+    assert_eq!(secs("public"), None);
+    assert_eq!(secs("max-age=soon"), None);
 }
 
 #[tokio::test]
 async fn concurrent_first_requests_share_one_fetch() {
     let (auth, keys, jwks) = authenticator().await;
     let auth = std::sync::Arc::new(auth);
-    let tokens: Vec<String> = (0..16).map(|_| es256(&claims(Uuid::new_v4()), &keys, EC_KID)).collect();
+    let tokens: Vec<String> = (0..16).map(|_| es256(&jwks.claims(Uuid::new_v4()), &keys, EC_KID)).collect();
     let results = futures::future::join_all(tokens.iter().map(|t| {
         let auth = auth.clone();
         let t = t.clone();
@@ -158,8 +234,11 @@ async fn an_unreachable_jwks_refuses_asymmetric_tokens_but_not_hs256() {
     let auth =
         Authenticator::new(AUDIENCE.into(), Some(SecretString::from(JWT_SECRET)), Some(&url), reqwest::Client::new());
     let user = Uuid::new_v4();
-    assert_eq!(auth.verify(&es256(&claims(user), &keys, EC_KID)).await.unwrap_err(), AuthError::UnknownKey);
-    assert!(auth.verify(&hs256(&claims(user), JWT_SECRET)).await.is_ok());
+    assert_eq!(
+        auth.verify(&es256(&project_claims(user, &url), &keys, EC_KID)).await.unwrap_err(),
+        AuthError::UnknownKey
+    );
+    assert!(auth.verify(&hs256(&project_claims(user, &url), JWT_SECRET)).await.is_ok());
 }
 
 #[tokio::test]
@@ -176,6 +255,7 @@ async fn without_configuration_every_token_is_refused() {
 // ---------------------------------------------------------------------------------------------
 
 both!(
+    anonymous_users_get_401_anonymous_user,
     refused_tokens_get_401_with_www_authenticate,
     all_three_token_kinds_work_over_http,
     first_sight_creates_the_user_row
@@ -184,7 +264,7 @@ both!(
 async fn refused_tokens_get_401_with_www_authenticate(app: TestApp) {
     let user = Uuid::new_v4();
     let now = chrono::Utc::now().timestamp();
-    let mut expired = claims(user);
+    let mut expired = app.jwks.claims(user);
     expired["exp"] = json!(now - 3600);
 
     // No credentials: plain `Bearer` challenge.
@@ -195,8 +275,8 @@ async fn refused_tokens_get_401_with_www_authenticate(app: TestApp) {
 
     for (header, code) in [
         (format!("Bearer {}", hs256(&expired, JWT_SECRET)), "token_expired"),
-        (format!("Bearer {}", raw_token(&json!({"alg": "none"}), &claims(user), None)), "invalid_token"),
-        (format!("Bearer {}", hs256(&claims(user), "wrong")), "invalid_token"),
+        (format!("Bearer {}", raw_token(&json!({"alg": "none"}), &app.jwks.claims(user), None)), "invalid_token"),
+        (format!("Bearer {}", hs256(&app.jwks.claims(user), "wrong")), "invalid_token"),
         (format!("Bearer {}", "x".repeat(10_000)), "invalid_token"),
         ("Basic dXNlcjpwYXNz".to_owned(), "unauthenticated"),
         ("Bearer ".to_owned(), "unauthenticated"),
@@ -213,9 +293,11 @@ async fn refused_tokens_get_401_with_www_authenticate(app: TestApp) {
 
 async fn all_three_token_kinds_work_over_http(app: TestApp) {
     let user = Uuid::new_v4();
-    for token in
-        [hs256(&claims(user), JWT_SECRET), es256(&claims(user), &app.keys, EC_KID), rs256(&claims(user), RSA_KID)]
-    {
+    for token in [
+        hs256(&app.jwks.claims(user), JWT_SECRET),
+        es256(&app.jwks.claims(user), &app.keys, EC_KID),
+        rs256(&app.jwks.claims(user), RSA_KID),
+    ] {
         let response = app.client.get(app.url("/connections")).bearer_auth(&token).send().await.unwrap();
         assert_eq!(response.status(), 200);
     }
@@ -235,4 +317,14 @@ async fn first_sight_creates_the_user_row(app: TestApp) {
     // Again: still one row.
     assert_eq!(app.get("/connections", Some(&user)).await.status(), 200);
     assert_eq!(app.count("users").await, 1);
+}
+
+async fn anonymous_users_get_401_anonymous_user(app: TestApp) {
+    let mut claims = app.jwks.claims(Uuid::new_v4());
+    claims["is_anonymous"] = json!(true);
+    let response =
+        app.client.get(app.url("/connections")).bearer_auth(hs256(&claims, JWT_SECRET)).send().await.unwrap();
+    let error = helpers::error_of(response, 401).await;
+    assert_eq!(error["code"], "anonymous_user");
+    assert_eq!(app.count("users").await, 0);
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::IntoResponse as _;
 use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -118,26 +119,41 @@ impl Keys {
     }
 }
 
-/// A JWKS endpoint at `{url}auth/v1/.well-known/jwks.json` that counts requests.
+/// A JWKS endpoint at `{url}auth/v1/.well-known/jwks.json` that counts requests. What it
+/// answers can be changed while it runs: the key set, a `Cache-Control` header, or a 500.
 pub struct JwksServer {
     pub url: url::Url,
     pub hits: Arc<AtomicUsize>,
+    answer: Arc<std::sync::Mutex<JwksAnswer>>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+struct JwksAnswer {
+    jwks: Value,
+    cache_control: Option<&'static str>,
+    failing: bool,
 }
 
 impl JwksServer {
     pub async fn start(jwks: Value) -> Self {
         let hits = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(std::sync::Mutex::new(JwksAnswer { jwks, cache_control: None, failing: false }));
         let counter = hits.clone();
+        let serving = answer.clone();
         let app = Router::new().route(
             "/auth/v1/.well-known/jwks.json",
             get(move || {
-                let counter = counter.clone();
-                let jwks = jwks.clone();
-                async move {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    axum::Json(jwks)
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = serving.lock().unwrap();
+                let mut response = if answer.failing {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                } else {
+                    axum::Json(answer.jwks.clone()).into_response()
+                };
+                if let Some(value) = answer.cache_control {
+                    response.headers_mut().insert("cache-control", axum::http::HeaderValue::from_static(value));
                 }
+                std::future::ready(response)
             }),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind jwks");
@@ -145,21 +161,48 @@ impl JwksServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url: url::Url::parse(&format!("http://{addr}/")).expect("url"), hits, _task: task }
+        Self { url: url::Url::parse(&format!("http://{addr}/")).expect("url"), hits, answer, _task: task }
+    }
+
+    /// Publishes `jwks` from now on.
+    pub fn publish(&self, jwks: Value) {
+        self.answer.lock().unwrap().jwks = jwks;
+    }
+
+    pub fn set_cache_control(&self, value: Option<&'static str>) {
+        self.answer.lock().unwrap().cache_control = value;
+    }
+
+    /// Answers 500 from now on (or again the key set).
+    pub fn set_failing(&self, failing: bool) {
+        self.answer.lock().unwrap().failing = failing;
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Claims of a token for `user` from the project this server publishes the keys of.
+    pub fn claims(&self, user: Uuid) -> Value {
+        project_claims(user, &self.url)
+    }
 }
 
-/// Claims of a normal Supabase access token for `user`.
+/// Claims of a normal Supabase access token for `user`, with no `iss` (for a server without
+/// `SUPABASE_URL`).
 pub fn claims(user: Uuid) -> Value {
     let now = chrono::Utc::now().timestamp();
     json!({
         "sub": user.to_string(), "aud": AUDIENCE, "role": "authenticated",
         "email": format!("{user}@example.com"), "iat": now, "exp": now + 3600,
     })
+}
+
+/// Claims of a normal access token for `user` issued by the Supabase project at `supabase_url`.
+pub fn project_claims(user: Uuid, supabase_url: &url::Url) -> Value {
+    let mut claims = claims(user);
+    claims["iss"] = json!(supabase_url.join("auth/v1").expect("issuer").as_str());
+    claims
 }
 
 pub fn hs256(claims: &Value, secret: &str) -> String {
@@ -228,7 +271,7 @@ impl TestApp {
 
     pub fn user(&self) -> TestUser {
         let id = Uuid::new_v4();
-        TestUser { id, token: hs256(&claims(id), JWT_SECRET) }
+        TestUser { id, token: hs256(&self.jwks.claims(id), JWT_SECRET) }
     }
 
     pub async fn get(&self, path: &str, user: Option<&TestUser>) -> reqwest::Response {

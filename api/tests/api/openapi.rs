@@ -302,7 +302,7 @@ async fn shared_answers_are_documented_on_every_authenticated_operation(app: Tes
     // What the 409 is: a second account whose token carries the first one's email.
     let first = app.user();
     assert_eq!(app.get("/connections", Some(&first)).await.status(), 200);
-    let mut claims = helpers::claims(uuid::Uuid::new_v4());
+    let mut claims = app.jwks.claims(uuid::Uuid::new_v4());
     claims["email"] = json!(format!("{}@example.com", first.id));
     let second = helpers::TestUser { id: uuid::Uuid::new_v4(), token: helpers::hs256(&claims, helpers::JWT_SECRET) };
     for (method, path) in [("GET", "/connections"), ("GET", "/connections/audit"), ("DELETE", "/connections/{id}")] {

@@ -262,9 +262,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The HTTP client every exchange call goes through: rustls, timeouts, a User-Agent, and the
-/// standard `HTTPS_PROXY`/`NO_PROXY` variables honoured (for fixed-IP proxies outside AWS).
+/// standard `HTTPS_PROXY`/`NO_PROXY` variables honoured (for fixed-IP proxies outside AWS). It
+/// follows no redirect: the exchanges' APIs never redirect, and following one would send the
+/// key and its signature (custom headers, which reqwest keeps across hosts) wherever it points.
 pub fn http_client(request_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::custom(|attempt| attempt.error("the exchange answered with a redirect")))
         .user_agent(concat!("tradeeon-connect/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(CONNECT_TIMEOUT.min(request_timeout))
         .timeout(request_timeout)
@@ -277,6 +280,12 @@ pub fn transport_failure(err: &reqwest::Error, latency: Duration) -> CheckResult
         CheckResult::failure(CheckCode::Timeout, "The exchange did not answer in time.", latency)
     } else if err.is_connect() {
         CheckResult::failure(CheckCode::ExchangeUnavailable, "Could not connect to the exchange.", latency)
+    } else if err.is_redirect() {
+        CheckResult::failure(
+            CheckCode::BadResponse,
+            "The exchange answered with a redirect, which we do not follow: no credentials were sent elsewhere.",
+            latency,
+        )
     } else if err.is_decode() || err.is_body() {
         CheckResult::failure(CheckCode::BadResponse, "The exchange sent a response we could not read.", latency)
     } else {
