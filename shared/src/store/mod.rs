@@ -363,7 +363,6 @@ mod coalesce;
 mod jobs;
 mod jobs_postgres;
 mod jobs_sqlite;
-mod nodelay;
 mod sweeps;
 mod wakeups;
 

@@ -61,16 +61,8 @@ fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreEr
 const QUEUE_POOL_CONNECTIONS: u32 = 4;
 
 /// The settings both pools share.
-fn pool_options(nodelay_port: Option<u16>, max_connections: u32) -> PgPoolOptions {
+fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
-        .after_connect(move |_, _| {
-            Box::pin(async move {
-                if let Some(port) = nodelay_port {
-                    super::nodelay::set_on_sockets_to(port);
-                }
-                Ok(())
-            })
-        })
         .max_connections(max_connections)
         // While the server is down, sqlx retries refused connections until this runs out, so
         // it is how long every request waits before it can answer 503 (and `/ready` must turn
@@ -105,11 +97,9 @@ impl PgStore {
             .map_err(|_| connect_error(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s")))?
             .map_err(connect_error)?;
         let _ = probe.close().await;
-        let port = options.get_socket().is_none().then(|| options.get_port());
-        let pool =
-            pool_options(port, max_connections.max(1)).connect_with(options.clone()).await.map_err(connect_error)?;
+        let pool = pool_options(max_connections.max(1)).connect_with(options.clone()).await.map_err(connect_error)?;
         // Lazy: an API process never runs the queue and opens none of these.
-        let queue_pool = pool_options(port, QUEUE_POOL_CONNECTIONS).connect_lazy_with(options);
+        let queue_pool = pool_options(QUEUE_POOL_CONNECTIONS).connect_lazy_with(options);
         let wakeups = Wakeups::start(pool.clone());
         let batches = PgBatches::start(&pool, &wakeups, max_connections.max(1));
         Ok(Self { pool, queue_pool, wakeups, batches })

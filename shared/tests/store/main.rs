@@ -12,6 +12,7 @@ mod audit;
 mod connect;
 mod connections;
 mod jobs;
+mod pool;
 mod rewrap;
 mod rewrap_command;
 mod rls;
