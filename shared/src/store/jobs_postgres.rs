@@ -180,7 +180,7 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord> {
 
 impl PgStore {
     pub(super) async fn begin_service(&self) -> Result<ServiceTx> {
-        let tx = super::postgres::begin(&self.pool).await?;
+        let tx = self.pool.begin().await?;
         Ok(ServiceTx::Postgres(PgServiceTx { tx, wakeups: self.wakeups.clone(), due_tickets: Vec::new() }))
     }
 

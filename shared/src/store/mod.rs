@@ -405,9 +405,8 @@ impl Store {
         }
     }
 
-    /// The PostgreSQL pool the job queue (apalis) runs on: its own, apart from the store's, so
-    /// that a statement of apalis's cancelled mid-transaction cannot strand one of the store's
-    /// statements in that transaction (see `QUEUE_POOL_CONNECTIONS` in `postgres.rs`).
+    /// The PostgreSQL pool the job queue (apalis) runs on: its own, apart from the store's (see
+    /// `QUEUE_POOL_CONNECTIONS` in `postgres.rs`).
     pub fn queue_pg_pool(&self) -> Option<&sqlx::PgPool> {
         match &*self.inner {
             Inner::Postgres(s) => Some(&s.queue_pool),

@@ -52,12 +52,8 @@ fn connect_error(err: impl std::error::Error + Send + Sync + 'static) -> StoreEr
 }
 
 /// Connections of the job queue's own pool: apalis keeps one for its wake-up listener and runs
-/// one fetch and one heartbeat at a time. It does not share the store's pool
-/// because apalis's statements can be cancelled mid-`BEGIN` when its worker stops, and sqlx 0.9
-/// then returns the connection to its pool still inside a transaction (sqlx issue #4393, fixed
-/// upstream, not released). apalis's next `COMMIT` on it ends that transaction; one of the
-/// store's single statements would instead run inside it, never commit, and hold its row locks
-/// until the connection closed — the worker benchmark hung exactly so when runs shared a pool.
+/// one fetch and one heartbeat at a time. Apart from the store's pool, so the worker's claims
+/// and settles do not wait behind apalis's fetches for a connection (bench/README.md).
 const QUEUE_POOL_CONNECTIONS: u32 = 4;
 
 /// The settings both pools share.
@@ -69,22 +65,6 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
         // 503 within a second). Queries hold a connection for milliseconds: a healthy pool
         // does not make anyone wait this long.
         .acquire_timeout(Duration::from_millis(750))
-}
-
-/// `pool.begin()`, safe to cancel. sqlx 0.9's own leaves the connection inside a transaction
-/// when the caller goes away during the `BEGIN` round trip (an HTTP client disconnecting, a
-/// timeout), and returns it to the pool so: the next borrower's statements run inside that
-/// transaction, never commit and hold their locks (sqlx issue #4393). Here the `BEGIN` runs on
-/// a task of its own that always completes; a transaction nobody is left to take is then
-/// dropped as sqlx intends, which rolls it back.
-pub(super) async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
-    let pool = pool.clone();
-    match tokio::spawn(async move { pool.begin().await }).await {
-        Ok(tx) => Ok(tx?),
-        Err(join) => {
-            Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!("BEGIN did not complete: {join}")))))
-        }
-    }
 }
 
 impl PgStore {
@@ -120,7 +100,7 @@ impl PgStore {
     }
 
     pub(super) async fn ensure_user(&self, user: &UserContext) -> Result<()> {
-        let mut tx = begin(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
         // On Supabase the auth row always exists (the JWT came from it) and auth.users belongs
         // to Supabase: only write it when it is missing, i.e. on plain PostgreSQL.
         let auth_row_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1)")
@@ -277,7 +257,7 @@ impl PgStore {
         api_key_hint: &ApiKeyHint,
         audit: AuditEntryInput,
     ) -> Result<bool> {
-        let mut tx = begin(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
         let swapped = sqlx::query(
             "UPDATE public.exchange_keys SET
                  api_key_encrypted = $3, api_secret_encrypted = $4, passphrase_encrypted = $5,
@@ -315,7 +295,7 @@ impl PgStore {
         expires_at: DateTime<Utc>,
         audit: Option<AuditEntryInput>,
     ) -> Result<bool> {
-        let mut tx = begin(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
         let stored = sqlx::query(
             "UPDATE public.exchange_keys SET access_token_encrypted = $2, session_expires_at = $3
              WHERE id = $1 AND is_active",
@@ -452,7 +432,7 @@ pub(super) async fn begin_user(pool: &PgPool, user: &UserContext) -> Result<Tran
         "role": "authenticated",
         "email": user.email,
     });
-    let mut tx = begin(pool).await?;
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "SELECT set_config('role', 'authenticated', true),
                 set_config('request.jwt.claims', $1, true)",
@@ -737,49 +717,4 @@ fn health_from_row(row: &PgRow) -> Result<HealthRecord> {
         latency_ms: row.try_get("latency_ms")?,
         message: row.try_get("message")?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A caller that goes away while its `BEGIN` is under way leaves no transaction behind on
-    /// the pooled connection: the next statement on it runs (and commits) on its own. Fails
-    /// with sqlx 0.9's `pool.begin()` in place of [`begin`] (sqlx issue #4393).
-    #[tokio::test]
-    async fn a_begin_cancelled_midway_leaves_no_transaction_behind() {
-        let url = std::env::var("TEST_DATABASE_ADMIN_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
-        let options = PgConnectOptions::from_str(&url).expect("database URL");
-        // One connection, so every attempt and every check use the same session.
-        let pool = PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("PostgreSQL for tests");
-        let mut cancelled_midway = 0;
-        for attempt in 0..600 {
-            // Polled a growing number of times and then dropped: some attempts are cancelled
-            // before the connection is acquired, some during the round trip, some after.
-            let mut begin = Box::pin(begin(&pool));
-            let mut finished = false;
-            let answer_time = Duration::from_micros([10, 30, 60, 120][attempt / 6 % 4]);
-            for _ in 0..=(attempt % 6) {
-                if futures::poll!(&mut begin).is_ready() {
-                    finished = true;
-                    break;
-                }
-                // Time for the server to answer, then a turn of the runtime to read it.
-                std::thread::sleep(answer_time);
-                tokio::task::yield_now().await;
-            }
-            drop(begin);
-            cancelled_midway += usize::from(!finished);
-            // `now()` is the start of the current transaction: two statements apart in time
-            // see the same one only if they ran inside one transaction.
-            let now = || async { sqlx::query_scalar::<_, DateTime<Utc>>("SELECT now()").fetch_one(&pool).await };
-            let first = now().await.expect("the connection is usable");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            let second = now().await.expect("the connection is usable");
-            assert_ne!(first, second, "attempt {attempt}: the connection came back inside a transaction");
-        }
-        assert!(cancelled_midway > 50, "only {cancelled_midway} attempts were cut short");
-        pool.close().await;
-    }
 }
