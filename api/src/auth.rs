@@ -44,6 +44,8 @@ pub enum AuthError {
     Issuer,
     #[error("anonymous sign-ins cannot manage exchange connections: sign in with an account")]
     Anonymous,
+    #[error("this session is older than its limit: sign in again")]
+    SessionTooOld,
     #[error("token verification is not configured on this server")]
     NotConfigured,
 }
@@ -52,7 +54,7 @@ impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {
             AuthError::Missing => "unauthenticated",
-            AuthError::Expired => "token_expired",
+            AuthError::Expired | AuthError::SessionTooOld => "token_expired",
             AuthError::Anonymous => "anonymous_user",
             _ => "invalid_token",
         }

@@ -27,14 +27,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::extract::{ApiJson, AuthUser};
+use crate::auth::AuthError;
+use crate::extract::{ApiJson, AuthUser, bearer_token};
 use crate::{ApiError, AppState};
 
 /// The UI's routes. Public by design: they serve static files and the sign-in exchange.
@@ -163,12 +164,17 @@ pub const LOCAL_USER_EMAIL: &str = "local@tradeeon.invalid";
 pub const SECRET_FILE_NAME: &str = "local-signin.key";
 /// How long a local token is valid. The page renews it while it is open.
 pub const LOCAL_TOKEN_LIFETIME: Duration = Duration::from_secs(60 * 60);
+/// The longest a local session lasts: renewals stop this long after its sign-in link was used,
+/// so a token that leaked from an open page cannot be kept alive for ever.
+pub const LOCAL_SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 60 * 60);
 /// `iss` of local tokens, so they are recognisable in logs and by [`renew_local_sign_in`].
 const LOCAL_ISSUER: &str = "tradeeon-local";
 
 /// Issues one-time sign-in codes and trades them for tokens of [`LOCAL_USER_ID`].
 pub struct LocalSignIn {
     key: EncodingKey,
+    /// The same secret, to read the sign-in time back from a token presented for renewal.
+    decoding_key: DecodingKey,
     audience: String,
     /// SHA-256 of every code not used yet. Hashes, so that a lookup leaks no timing about codes.
     codes: Mutex<HashSet<[u8; 32]>>,
@@ -183,6 +189,7 @@ impl LocalSignIn {
     pub fn new(secret: &SecretString, audience: String, announce: impl Fn(&str) + Send + Sync + 'static) -> Self {
         Self {
             key: EncodingKey::from_secret(secret.expose_secret().as_bytes()),
+            decoding_key: DecodingKey::from_secret(secret.expose_secret().as_bytes()),
             audience,
             codes: Mutex::new(HashSet::new()),
             announce: Box::new(announce),
@@ -204,7 +211,9 @@ impl LocalSignIn {
         self.codes.lock().expect("sign-in codes lock").remove(&hash)
     }
 
-    fn token(&self) -> Result<LocalToken, ApiError> {
+    /// A token of a session that started at `auth_time` (Unix seconds). It expires after
+    /// [`LOCAL_TOKEN_LIFETIME`], or when the session reaches [`LOCAL_SESSION_MAX_AGE`].
+    fn token(&self, auth_time: i64) -> Result<LocalToken, ApiError> {
         #[derive(Serialize)]
         struct Claims<'a> {
             sub: String,
@@ -215,9 +224,10 @@ impl LocalSignIn {
             iat: i64,
             nbf: i64,
             exp: i64,
+            auth_time: i64,
         }
         let now = chrono::Utc::now().timestamp();
-        let lifetime = LOCAL_TOKEN_LIFETIME.as_secs();
+        let exp = (now + LOCAL_TOKEN_LIFETIME.as_secs() as i64).min(auth_time + LOCAL_SESSION_MAX_AGE.as_secs() as i64);
         let claims = Claims {
             sub: LOCAL_USER_ID.to_string(),
             email: LOCAL_USER_EMAIL,
@@ -226,11 +236,33 @@ impl LocalSignIn {
             role: "authenticated",
             iat: now,
             nbf: now,
-            exp: now + lifetime as i64,
+            exp,
+            auth_time,
         };
         let access_token = jsonwebtoken::encode(&Header::default(), &claims, &self.key)
             .map_err(|e| ApiError::Internal(anyhow::Error::from(e).context("could not sign a local token")))?;
-        Ok(LocalToken { access_token, token_type: "bearer", expires_in: lifetime })
+        Ok(LocalToken { access_token, token_type: "bearer", expires_in: (exp - now).max(0) as u64 })
+    }
+
+    /// A fresh token for the session `presented` (a valid local token) belongs to, unless that
+    /// session is [`LOCAL_SESSION_MAX_AGE`] old.
+    fn renew(&self, presented: &str) -> Result<LocalToken, ApiError> {
+        #[derive(Deserialize)]
+        struct Session {
+            auth_time: i64,
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[&self.audience]);
+        validation.set_issuer(&[LOCAL_ISSUER]);
+        // A token from before sessions had a start has none: its session starts again at a link.
+        let session = jsonwebtoken::decode::<Session>(presented, &self.decoding_key, &validation)
+            .map_err(|_| ApiError::Unauthorized(AuthError::SessionTooOld))?
+            .claims;
+        let age = chrono::Utc::now().timestamp() - session.auth_time;
+        if age >= LOCAL_SESSION_MAX_AGE.as_secs() as i64 {
+            return Err(ApiError::Unauthorized(AuthError::SessionTooOld));
+        }
+        self.token(session.auth_time)
     }
 }
 
@@ -321,7 +353,7 @@ async fn local_sign_in(
             Some("code"),
         ));
     }
-    let token = local.token()?;
+    let token = local.token(chrono::Utc::now().timestamp())?;
     tracing::info!("local sign-in link used");
     let next = local.issue_code();
     (local.announce)(&next);
@@ -329,13 +361,18 @@ async fn local_sign_in(
 }
 
 /// `POST /ui/local-signin/renew` with a valid local token → a fresh one, so an open page stays
-/// signed in while a leaked, expired token stays useless.
-async fn renew_local_sign_in(State(state): State<AppState>, user: AuthUser) -> Result<Json<LocalToken>, ApiError> {
+/// signed in while a leaked, expired token stays useless; for at most [`LOCAL_SESSION_MAX_AGE`]
+/// after the sign-in link was used.
+async fn renew_local_sign_in(
+    State(state): State<AppState>,
+    user: AuthUser,
+    headers: HeaderMap,
+) -> Result<Json<LocalToken>, ApiError> {
     let local = state.local_sign_in.as_ref().ok_or(ApiError::NotFound)?;
     if user.id().0 != LOCAL_USER_ID {
         return Err(ApiError::NotFound);
     }
-    Ok(Json(local.token()?))
+    Ok(Json(local.renew(bearer_token(&headers)?)?))
 }
 
 #[cfg(test)]
@@ -368,12 +405,36 @@ mod tests {
     async fn local_tokens_verify_as_the_local_user() {
         let secret = SecretString::from("a-local-secret-of-enough-length-0123456789".to_owned());
         let local = LocalSignIn::new(&secret, "authenticated".into(), |_| {});
-        let token = local.token().unwrap();
+        let token = local.token(chrono::Utc::now().timestamp()).unwrap();
         assert_eq!(token.expires_in, LOCAL_TOKEN_LIFETIME.as_secs());
         let auth = crate::auth::Authenticator::new("authenticated".into(), Some(secret), None, reqwest::Client::new());
         let user = auth.verify(&token.access_token).await.unwrap();
         assert_eq!(user.id.0, LOCAL_USER_ID);
         assert_eq!(user.email.as_deref(), Some(LOCAL_USER_EMAIL));
+    }
+
+    #[test]
+    fn renewals_stop_when_the_session_is_twelve_hours_old() {
+        let secret = SecretString::from("a-local-secret-of-enough-length-0123456789".to_owned());
+        let local = LocalSignIn::new(&secret, "authenticated".into(), |_| {});
+        let now = chrono::Utc::now().timestamp();
+        let max_age = LOCAL_SESSION_MAX_AGE.as_secs() as i64;
+
+        let fresh = local.token(now).unwrap();
+        let renewed = local.renew(&fresh.access_token).unwrap();
+        assert_eq!(renewed.expires_in, LOCAL_TOKEN_LIFETIME.as_secs());
+        // Renewing carries the session's start along: it does not restart the clock.
+        let late = local.token(now - max_age + 600).unwrap();
+        assert_eq!(late.expires_in, 600, "the last token ends with the session");
+        let renewed = local.renew(&late.access_token).unwrap();
+        assert!(renewed.expires_in <= 600, "{}", renewed.expires_in);
+
+        let old = local.token(now - max_age - 1).unwrap();
+        assert!(matches!(local.renew(&old.access_token), Err(ApiError::Unauthorized(AuthError::SessionTooOld))));
+        // A token without a session start (an older release's) or signed by another secret.
+        let other = LocalSignIn::new(&SecretString::from("x".repeat(40)), "authenticated".into(), |_| {});
+        assert!(local.renew(&other.token(now).unwrap().access_token).is_err());
+        assert!(local.renew("not.a.token").is_err());
     }
 
     #[test]
