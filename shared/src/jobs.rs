@@ -16,12 +16,11 @@
 //! | `kite_session` | exchanges a Kite `request_token` for an access token | same as `test` |
 //!
 //! Transient codes are `rate_limited`, `exchange_unavailable` and `timeout`; definitive verdicts
-//! (bad key, bad signature, …) are never retried. Retries back off exponentially with jitter by
+//! (bad key, bad signature, …) are never retried. Retries back off as [`RetryPolicy::JOB`] says, by
 //! rescheduling the ticket, because apalis's SQL backends retry immediately.
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,13 +28,14 @@ use ulid::Ulid;
 
 use crate::domain::{ConnectionId, Exchange, UserId};
 use crate::exchanges::CheckResult;
+use crate::retry::RetryPolicy;
 use crate::store::EncryptedCredentials;
 
 /// The apalis queue every ticket goes to.
 pub const QUEUE: &str = "tradeeon";
 
 /// Attempts before a job with a transient failure is settled with its last result.
-pub const MAX_ATTEMPTS: i32 = 5;
+pub const MAX_ATTEMPTS: i32 = RetryPolicy::JOB.max_attempts;
 
 /// A job's id: a ULID we assign ourselves (apalis's `push` returns none), also used as the
 /// apalis task id of the job's first ticket.
@@ -290,33 +290,9 @@ impl std::fmt::Display for TicketId {
     }
 }
 
-/// Delay before retry number `attempt` (1 = the first retry): exponential from 2 s, capped at
-/// 5 minutes, with ±25% jitter so jobs that failed together do not retry together. An
-/// exchange's own `Retry-After` wins when it is longer.
-pub fn retry_delay(attempt: i32, retry_after: Option<Duration>) -> Duration {
-    use rand::Rng;
-    let exponent = u32::try_from(attempt.clamp(1, 16) - 1).unwrap_or(0);
-    let base = Duration::from_secs(2).saturating_mul(2u32.saturating_pow(exponent)).min(Duration::from_secs(300));
-    let jitter = rand::thread_rng().gen_range(0.75..=1.25);
-    let delay = base.mul_f64(jitter);
-    retry_after.map_or(delay, |wait| delay.max(wait))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_delays_grow_with_jitter_and_respect_retry_after() {
-        for attempt in 1..=10 {
-            let d = retry_delay(attempt, None);
-            let base = (2.0 * 2f64.powi(attempt - 1)).min(300.0);
-            assert!(d.as_secs_f64() >= base * 0.75 - 1e-9 && d.as_secs_f64() <= base * 1.25 + 1e-9, "{attempt}: {d:?}");
-        }
-        assert!(retry_delay(1, Some(Duration::from_secs(60))) >= Duration::from_secs(60));
-        let distinct: std::collections::HashSet<_> = (0..20).map(|_| retry_delay(3, None)).collect();
-        assert!(distinct.len() > 1, "jitter varies the delay");
-    }
 
     #[test]
     fn payloads_serialize_with_their_kind_and_no_plaintext() {

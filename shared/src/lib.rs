@@ -9,6 +9,7 @@ pub mod domain;
 pub mod encryption_key;
 pub mod exchanges;
 pub mod jobs;
+pub mod retry;
 pub mod rewrap;
 pub mod store;
 pub mod telemetry;

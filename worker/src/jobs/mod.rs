@@ -9,8 +9,8 @@
 //! # Retries
 //!
 //! A check that failed with a transient code (`rate_limited`, `exchange_unavailable`, `timeout`)
-//! is retried after [`retry_delay`] (which honours the exchange's `Retry-After`) while the job's
-//! kind retries transient failures and it has had fewer than [`MAX_ATTEMPTS`] attempts; after
+//! is retried after [`RetryPolicy::JOB`]'s delay (never sooner than the exchange's `Retry-After`)
+//! while the job's kind retries transient failures and the policy has attempts left; after
 //! the last attempt the job settles with the last result. Definitive verdicts (bad key, bad
 //! signature, IP not allowed, …) are never retried. Health checks never retry transient failures
 //! (the next sweep does), with one exception: see [`health_check`] ("re-checked once").
@@ -55,7 +55,8 @@ use serde_json::json;
 use tradeeon_shared::config::{ExchangeEndpoints, WorkerConfig};
 use tradeeon_shared::domain::{AuditAction, ConnectionStatus, Exchange};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult, Credentials};
-use tradeeon_shared::jobs::{ClaimedJob, JobOutcome, MAX_ATTEMPTS, retry_delay};
+use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
+use tradeeon_shared::retry::RetryPolicy;
 use tradeeon_shared::store::{
     AuditEntryInput, ConnectionRecord, EncryptedCredentials, HealthRecord, StatusUpdate, Store, StoreError,
 };
@@ -177,8 +178,8 @@ pub async fn run(env: &JobEnv, job: &ClaimedJob) -> Step {
         Ok(step) => step,
         Err(JobError::Store(err)) => {
             tracing::warn!(error = %error_chain(&err), "job hit a database error");
-            if job.record.kind.retries_transient_failures() && job.record.attempts < MAX_ATTEMPTS {
-                Step::Retry { after: retry_delay(job.record.attempts, None), last: None }
+            if job.record.kind.retries_transient_failures() && RetryPolicy::JOB.has_attempts_left(job.record.attempts) {
+                Step::Retry { after: RetryPolicy::JOB.delay(job.record.attempts), last: None }
             } else {
                 Step::Finish(JobOutcome::Failed("The database was unavailable; the job could not be completed.".into()))
             }
@@ -271,7 +272,7 @@ pub(crate) fn retries(job: &ClaimedJob, result: &CheckResult) -> bool {
     !result.ok
         && result.code.is_transient()
         && job.record.kind.retries_transient_failures()
-        && job.record.attempts < MAX_ATTEMPTS
+        && RetryPolicy::JOB.has_attempts_left(job.record.attempts)
 }
 
 /// Retry a transient failure while attempts are left, else settle with the result.
@@ -283,7 +284,7 @@ pub(crate) fn retry(job: &ClaimedJob, result: CheckResult) -> Step {
     if result.unsent {
         return defer(&result);
     }
-    let after = retry_delay(job.record.attempts, result.retry_after_ms.map(Duration::from_millis));
+    let after = RetryPolicy::JOB.delay_honouring(job.record.attempts, result.retry_after_ms.map(Duration::from_millis));
     Step::Retry { after, last: Some(result) }
 }
 
