@@ -40,14 +40,6 @@ pub struct TicketState {
     pub due_in_seconds: f64,
 }
 
-/// How often a ticket whose handler errored (a database outage while the worker settles a job)
-/// is run again ([`Store::retry_ticket`]). Exchange failures never come here: they are settled
-/// or rescheduled by the worker with backoff.
-pub(super) const TICKET_MAX_ATTEMPTS: u16 = 25;
-
-/// The longest a ticket handed back by [`Store::retry_ticket`] waits before it is due again.
-pub(super) const TICKET_RETRY_MAX_DELAY_SECONDS: i32 = 30;
-
 /// The second at which a ticket for `run_at` may become due on a queue that counts whole
 /// seconds (apalis-sqlite): rounded *up*, so a retry never starts before the delay it was given
 /// (an exchange's `Retry-After`, say) — at most a second after it.
@@ -186,10 +178,11 @@ impl Store {
     }
 
     /// Hands a ticket back to the queue after its handler could neither settle nor reschedule
-    /// its job (the database failed it mid-way): any worker may fetch it again after a delay
-    /// that doubles with each such attempt, from 2 s up to 30 s, and after 25 attempts it stays
-    /// failed for an operator to see. The job itself was left `queued` or `running`, and
-    /// claiming it again is safe.
+    /// its job (the database failed it mid-way): any worker may fetch it again after the delay
+    /// that [`RetryPolicy::TICKET`](crate::retry::RetryPolicy::TICKET) gives for its attempts
+    /// (2 s doubling to 30 s), and after its last attempt (25) it stays failed for an operator to
+    /// see. Exchange failures never come here: the worker settles or reschedules those itself.
+    /// The job itself was left `queued` or `running`, and claiming it again is safe.
     #[tracing::instrument(skip_all, fields(%ticket), err)]
     pub async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
         dispatch!(self, s => s.retry_ticket(ticket).await)

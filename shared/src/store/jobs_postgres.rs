@@ -12,7 +12,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState};
+use super::jobs::{QueueStats, TicketState};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
 use super::{PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
@@ -20,6 +20,7 @@ use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
     ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
 };
+use crate::retry::RetryPolicy;
 
 macro_rules! job_columns {
     () => {
@@ -116,7 +117,7 @@ async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(
     .bind(&run_ats)
     .bind(&tickets)
     .bind(QUEUE)
-    .bind(i32::from(TICKET_MAX_ATTEMPTS))
+    .bind(RetryPolicy::TICKET.max_attempts)
     .fetch_all(db)
     .await?;
     let records = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
@@ -240,7 +241,7 @@ impl PgStore {
         .bind(ulid::Ulid::generate().to_string())
         .bind(QUEUE)
         .bind(ticket)
-        .bind(i32::from(TICKET_MAX_ATTEMPTS))
+        .bind(RetryPolicy::TICKET.max_attempts)
         .bind(ran.map(|t| t.0.as_str()))
         .fetch_one(&self.pool)
         .await?;
@@ -262,18 +263,30 @@ impl PgStore {
 
     pub(super) async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
         // `Failed` with attempts left is what apalis's own fetch takes again once `run_at` has
-        // passed; with none left it never does.
+        // passed; with none left it never does. The delay depends on the attempts so far, so the
+        // row stays locked from reading them to writing the next.
+        let mut tx = self.pool.begin().await?;
+        let attempts: Option<i32> =
+            sqlx::query_scalar("SELECT attempts FROM apalis.jobs WHERE id = $1 AND job_type = $2 FOR UPDATE")
+                .bind(&ticket.0)
+                .bind(QUEUE)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(attempts) = attempts else { return Ok(()) };
+        let attempt = attempts.saturating_add(1);
+        let run_at = Utc::now() + RetryPolicy::TICKET.delay(attempt);
         sqlx::query(
             "UPDATE apalis.jobs
-                SET status = 'Failed', attempts = attempts + 1, lock_by = NULL, lock_at = NULL, done_at = now(),
-                    run_at = now() + make_interval(secs => least($3, 2 ^ (attempts + 1)))
+                SET status = 'Failed', attempts = $3, lock_by = NULL, lock_at = NULL, done_at = now(), run_at = $4
               WHERE id = $1 AND job_type = $2",
         )
         .bind(&ticket.0)
         .bind(QUEUE)
-        .bind(f64::from(TICKET_RETRY_MAX_DELAY_SECONDS))
-        .execute(&self.pool)
+        .bind(attempt)
+        .bind(run_at)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -7,13 +7,14 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::jobs::{QueueStats, TICKET_MAX_ATTEMPTS, TICKET_RETRY_MAX_DELAY_SECONDS, TicketState, due_second};
+use super::jobs::{QueueStats, TicketState, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
 use super::{AuditAction, AuditEntryInput, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
     ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, Requester, TicketId,
 };
+use crate::retry::RetryPolicy;
 
 macro_rules! job_columns {
     () => {
@@ -78,7 +79,7 @@ async fn push_ticket(
     .bind(&args)
     .bind(ticket_id.to_string())
     .bind(QUEUE)
-    .bind(i64::from(TICKET_MAX_ATTEMPTS))
+    .bind(i64::from(RetryPolicy::TICKET.max_attempts))
     .bind(due_second(run_at))
     .execute(&mut *conn)
     .await?;
@@ -293,18 +294,29 @@ impl SqliteStore {
 
     pub(super) async fn retry_ticket(&self, ticket: &TicketId) -> Result<()> {
         // `Failed` with attempts left is what apalis's own fetch takes again once `run_at` has
-        // passed; with none left it never does.
+        // passed; with none left it never does. The write transaction holds the row from reading
+        // the attempts so far, which set the delay, to writing the next.
         let mut tx = begin_write(&self.pool).await?;
+        let attempts: Option<i64> = sqlx::query_scalar("SELECT attempts FROM Jobs WHERE id = ?1 AND job_type = ?2")
+            .bind(&ticket.0)
+            .bind(QUEUE)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(attempts) = attempts else { return Ok(()) };
+        let attempt = i32::try_from(attempts).unwrap_or(i32::MAX).saturating_add(1);
+        // Whole seconds, as this queue counts them. Rounded down, so up to a second early: that
+        // matters only for an exchange's `Retry-After` (see `due_second`), and a ticket has none.
+        let run_at = (Utc::now() + RetryPolicy::TICKET.delay(attempt)).timestamp();
         sqlx::query(
             "UPDATE Jobs
-                SET status = 'Failed', attempts = attempts + 1, lock_by = NULL, lock_at = NULL,
-                    done_at = strftime('%s', 'now'),
-                    run_at = strftime('%s', 'now') + min(?3, 1 << min(attempts + 1, 30))
+                SET status = 'Failed', attempts = ?3, lock_by = NULL, lock_at = NULL,
+                    done_at = strftime('%s', 'now'), run_at = ?4
               WHERE id = ?1 AND job_type = ?2",
         )
         .bind(&ticket.0)
         .bind(QUEUE)
-        .bind(TICKET_RETRY_MAX_DELAY_SECONDS)
+        .bind(attempt)
+        .bind(run_at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

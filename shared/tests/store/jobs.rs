@@ -500,8 +500,47 @@ async fn the_worker_acknowledges_tickets_with_its_writes(store: Store) {
     assert_eq!(tickets(&store).await, 3, "left: the two rescheduled jobs' new tickets and the one handed back");
 }
 
+/// A ticket handed back again and again waits at most 30 s, and its 25th hand-back is its last:
+/// it stays failed, with no attempts left for the queue's fetch (`attempts < max_attempts`). A
+/// ticket that is gone already is not an error.
+async fn handed_back_tickets_wait_at_most_30_s_for_25_attempts(store: Store) {
+    let ids = enqueue_tests(&store, "hand-back", 1).await;
+    let ticket = TicketId(ids[0].to_string());
+    for _ in 0..5 {
+        store.retry_ticket(&ticket).await.unwrap();
+    }
+    let handed = tickets_of(&store, ids[0]).await;
+    assert_eq!(handed[0].attempts, 5);
+    assert!((29.0..=30.5).contains(&handed[0].due_in_seconds), "capped at 30 s: {handed:?}");
+    for _ in 5..25 {
+        store.retry_ticket(&ticket).await.unwrap();
+    }
+    let handed = tickets_of(&store, ids[0]).await;
+    assert_eq!((handed[0].status.as_str(), handed[0].attempts), ("Failed", 25));
+    assert!((29.0..=30.5).contains(&handed[0].due_in_seconds), "{handed:?}");
+    let max_attempts: i64 = if let Some(pool) = store.pg_pool() {
+        sqlx::query_scalar("SELECT max_attempts::int8 FROM apalis.jobs WHERE id = $1")
+            .bind(&ticket.0)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    } else {
+        sqlx::query_scalar("SELECT max_attempts FROM Jobs WHERE id = ?1")
+            .bind(&ticket.0)
+            .fetch_one(store.sqlite_pool().unwrap())
+            .await
+            .unwrap()
+    };
+    assert_eq!(max_attempts, 25, "no attempt left");
+
+    store.drop_ticket(&ticket).await.unwrap();
+    store.retry_ticket(&ticket).await.unwrap();
+    assert_eq!(tickets_of(&store, ids[0]).await, vec![], "nothing to hand back, nothing written");
+}
+
 contract!(
     the_worker_acknowledges_tickets_with_its_writes,
+    handed_back_tickets_wait_at_most_30_s_for_25_attempts,
     a_stopped_workers_tickets_go_back_to_the_queue,
     a_retry_is_never_due_before_its_time,
     a_page_of_jobs_is_enqueued_at_once,
