@@ -21,6 +21,7 @@ use std::time::Duration;
 use apalis::prelude::*;
 use chrono::Utc;
 use tradeeon_shared::jobs::{ClaimedJob, JobId, JobOutcome, JobTicket, QUEUE, TicketId};
+use tradeeon_shared::retry::RetryPolicy;
 use tradeeon_shared::store::Store;
 
 use crate::jobs::{self, JobEnv, Step};
@@ -146,23 +147,24 @@ async fn handle(ticket: JobTicket, task_id: TaskId, runner: Data<Arc<Runner>>) -
 /// that long, this worker's fetches and heartbeats fail too: apalis stops it, the runner starts a
 /// new one, and the orphan handover returns the ticket with the others it held.
 async fn hand_back(store: &Store, ticket: &TicketId) {
-    let mut delay = HAND_BACK_FIRST_DELAY;
-    for attempt in 1..=HAND_BACK_ATTEMPTS {
+    for attempt in 1..=HAND_BACK.max_attempts {
         match store.retry_ticket(ticket).await {
             Ok(()) => return,
-            Err(err) if attempt == HAND_BACK_ATTEMPTS => {
+            Err(err) if !HAND_BACK.has_attempts_left(attempt) => {
                 tracing::error!(%ticket, error = %err, "could not hand the ticket back; the orphan handover will");
             }
-            Err(_) => {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
+            Err(_) => tokio::time::sleep(HAND_BACK.delay(attempt)).await,
         }
     }
 }
 
-const HAND_BACK_ATTEMPTS: u32 = 6;
-const HAND_BACK_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// Handing a ticket back: 500 ms doubling, 6 attempts (waits of 0.5 + 1 + 2 + 4 + 8 s).
+const HAND_BACK: RetryPolicy = RetryPolicy {
+    first_delay: Duration::from_millis(500),
+    max_delay: Duration::from_secs(8),
+    jitter: 0.0,
+    max_attempts: 6,
+};
 
 pub fn worker_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_string());
@@ -186,7 +188,7 @@ pub async fn run_queue(
     use futures::FutureExt;
     let shutdown = shutdown.boxed().shared();
     let runner = Arc::new(Runner { env, metrics });
-    let mut backoff = RESTART_BACKOFF_MIN;
+    let mut failures: i32 = 0;
     loop {
         match run_worker(&runner, &settings, shutdown.clone()).await {
             Ok(()) => return Ok(()),
@@ -195,24 +197,29 @@ pub async fn run_queue(
                 return Ok(());
             }
             Err(err) => {
+                failures = failures.saturating_add(1);
+                let backoff = RUNNER_RESTART.delay(failures);
                 tracing::warn!(
                     error = format!("{err:#}"),
                     restart_in_ms = backoff.as_millis() as u64,
                     "job runner stopped (queue unreachable?); restarting"
                 );
+                tokio::select! {
+                    () = shutdown.clone() => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
             }
         }
-        tokio::select! {
-            () = shutdown.clone() => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
     }
 }
 
-/// Restarts of the queue runner wait this long at first, doubling up to [`RESTART_BACKOFF_MAX`].
-pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Restarting the queue runner: 1 s doubling to 30 s, until shutdown.
+const RUNNER_RESTART: RetryPolicy = RetryPolicy {
+    first_delay: Duration::from_secs(1),
+    max_delay: Duration::from_secs(30),
+    jitter: 0.0,
+    max_attempts: i32::MAX,
+};
 
 /// Tickets taken per fetch: twice the jobs run at once. apalis fetches only when the tickets of
 /// the previous fetch have all been started, and the slots that free up while that fetch is
