@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::exchanges::kraken::KrakenTier;
+use crate::schedule::SweepSchedule;
 
 /// A configuration value that could not be used. The message names the variable and says what
 /// is accepted; it never echoes a secret value.
@@ -757,12 +758,12 @@ mod tests {
 }
 
 /// The job runner and the health-sweep scheduler of `tradeeon worker` / `serve`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// `HEALTH_SWEEP_INTERVAL` — how often every active connection is re-checked: an interval
     /// (`5m`, `300s`, `1h`) or a cron expression (`*/5 * * * *`, five or six fields, UTC).
-    /// Default `5m`. Checked when the worker starts.
-    pub sweep_interval: String,
+    /// Default `5m`.
+    pub sweep_schedule: SweepSchedule,
     /// `HEALTH_HISTORY_RETENTION_DAYS` — health-check history older than this is pruned.
     /// Default 30.
     pub history_retention: Duration,
@@ -776,7 +777,9 @@ impl SchedulerConfig {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let day = Duration::from_secs(86_400);
         Ok(Self {
-            sweep_interval: src.get("HEALTH_SWEEP_INTERVAL").unwrap_or_else(|| "5m".to_string()).trim().to_string(),
+            sweep_schedule: src.get("HEALTH_SWEEP_INTERVAL").as_deref().unwrap_or("5m").parse().map_err(
+                |e: crate::schedule::ScheduleParseError| ConfigError::new("HEALTH_SWEEP_INTERVAL", e.to_string()),
+            )?,
             history_retention: day * parse_number(src, "HEALTH_HISTORY_RETENTION_DAYS", 30u32, 1)?,
             job_retention: day * parse_number(src, "JOB_RETENTION_DAYS", 7u32, 1)?,
             concurrency: parse_number(src, "WORKER_CONCURRENCY", 16usize, 1)?,

@@ -11,6 +11,7 @@ pub mod exchanges;
 pub mod jobs;
 pub mod retry;
 pub mod rewrap;
+pub mod schedule;
 pub mod store;
 pub mod telemetry;
 pub mod vault;

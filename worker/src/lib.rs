@@ -33,7 +33,7 @@ use tradeeon_shared::vault::Keyring;
 use crate::jobs::JobEnv;
 use crate::metrics::WorkerMetrics;
 use crate::runtime::RuntimeSettings;
-use crate::scheduler::{SchedulerSettings, SweepObserver, SweepSchedule};
+use crate::scheduler::{SchedulerSettings, SweepObserver};
 
 /// What the workers need from the process that starts them.
 pub struct WorkerContext {
@@ -53,8 +53,6 @@ const COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 /// taken, the last metrics are published.
 pub async fn run(ctx: WorkerContext, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let WorkerContext { store, keyring, config, registry, metrics_listener } = ctx;
-    let schedule: SweepSchedule =
-        config.scheduler.sweep_interval.parse().map_err(|e| anyhow::anyhow!("HEALTH_SWEEP_INTERVAL: {e}"))?;
     let metrics = WorkerMetrics::register(&registry).context("could not register the worker metrics")?;
     let env = Arc::new(
         JobEnv::from_config(store.clone(), keyring, &config.exchanges, &config.worker)?.with_metrics(metrics.clone()),
@@ -67,7 +65,7 @@ pub async fn run(ctx: WorkerContext, shutdown: impl Future<Output = ()> + Send +
     tasks.spawn(runtime::run_queue(env.clone(), Some(metrics.clone()), runtime_settings, shutdown.clone()));
 
     let scheduler_settings = SchedulerSettings {
-        schedule,
+        schedule: config.scheduler.sweep_schedule.clone(),
         budgets: sweep_budgets(&config.worker.rate_limits),
         history_retention: config.scheduler.history_retention,
         job_retention: config.scheduler.job_retention,

@@ -13,7 +13,6 @@
 //! that outruns the budget would only collect 429s.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -22,85 +21,7 @@ use tradeeon_shared::domain::Exchange;
 use tradeeon_shared::jobs::{JobPayload, NewJob};
 use tradeeon_shared::store::{Store, sweep_job_key};
 
-/// When sweeps happen: a fixed interval (aligned to the Unix epoch, so every process computes the
-/// same slots) or a cron expression.
-#[derive(Debug, Clone)]
-pub enum SweepSchedule {
-    Every(Duration),
-    Cron(Box<cron::Schedule>),
-}
-
-/// A `HEALTH_SWEEP_INTERVAL` value that is neither an interval nor a cron expression.
-#[derive(Debug, thiserror::Error)]
-#[error("expected an interval like `5m`, `300s` or `1h`, or a cron expression like `*/5 * * * *`; got {0:?}")]
-pub struct ScheduleParseError(String);
-
-impl FromStr for SweepSchedule {
-    type Err = ScheduleParseError;
-
-    fn from_str(raw: &str) -> Result<Self, Self::Err> {
-        let value = raw.trim();
-        if let Some(interval) = parse_interval(value) {
-            if interval < Duration::from_secs(1) {
-                return Err(ScheduleParseError(raw.to_string()));
-            }
-            return Ok(SweepSchedule::Every(interval));
-        }
-        // The cron crate wants seconds first; accept the usual five-field form too.
-        let fields = value.split_whitespace().count();
-        let expression = if fields == 5 { format!("0 {value}") } else { value.to_string() };
-        cron::Schedule::from_str(&expression)
-            .map(|s| SweepSchedule::Cron(Box::new(s)))
-            .map_err(|_| ScheduleParseError(raw.to_string()))
-    }
-}
-
-/// `300`, `300s`, `5m`, `1h`, `500ms`.
-fn parse_interval(value: &str) -> Option<Duration> {
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "" | "s" => Some(Duration::from_secs(number)),
-        "ms" => Some(Duration::from_millis(number)),
-        "m" | "min" => Some(Duration::from_secs(number.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
-        _ => None,
-    }
-}
-
-impl SweepSchedule {
-    /// The slot `now` falls in: the latest firing time at or before `now`.
-    pub fn current_slot(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        match self {
-            SweepSchedule::Every(interval) => {
-                let step = interval.as_millis().max(1) as i64;
-                let ms = now.timestamp_millis();
-                DateTime::from_timestamp_millis(ms - ms.rem_euclid(step)).unwrap_or(now)
-            }
-            SweepSchedule::Cron(schedule) => {
-                // `after(now)` iterates both ways; stepping back gives the previous firing.
-                let probe = now + chrono::Duration::milliseconds(1);
-                schedule.after(&probe).next_back().unwrap_or(now)
-            }
-        }
-    }
-
-    /// The next slot after `now`.
-    pub fn next_slot(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        match self {
-            SweepSchedule::Every(interval) => {
-                self.current_slot(now) + chrono::Duration::from_std(*interval).unwrap_or(chrono::Duration::minutes(5))
-            }
-            SweepSchedule::Cron(schedule) => schedule.after(&now).next().unwrap_or(now + chrono::Duration::minutes(5)),
-        }
-    }
-
-    /// The length of the slot starting at `slot`.
-    pub fn interval_at(&self, slot: DateTime<Utc>) -> Duration {
-        (self.next_slot(slot) - slot).to_std().unwrap_or(Duration::from_secs(300))
-    }
-}
+pub use tradeeon_shared::schedule::SweepSchedule;
 
 /// Share of the interval a sweep spreads its checks over; the rest is slack so one sweep's last
 /// checks finish before the next sweep starts.
@@ -307,44 +228,6 @@ pub async fn sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-    }
-
-    #[test]
-    fn intervals_and_cron_expressions_parse() {
-        for (raw, secs) in [("5m", 300), ("300s", 300), ("300", 300), ("1h", 3600), ("2 min", 120)] {
-            match raw.parse::<SweepSchedule>().unwrap() {
-                SweepSchedule::Every(d) => assert_eq!(d, Duration::from_secs(secs), "{raw}"),
-                other => panic!("{raw} parsed as {other:?}"),
-            }
-        }
-        assert!(matches!("*/5 * * * *".parse::<SweepSchedule>().unwrap(), SweepSchedule::Cron(_)));
-        assert!(matches!("0 */5 * * * *".parse::<SweepSchedule>().unwrap(), SweepSchedule::Cron(_)));
-        for bad in ["", "soon", "5 parsecs", "0s", "* * *", "99 * * * *"] {
-            let err = bad.parse::<SweepSchedule>().unwrap_err();
-            assert!(err.to_string().contains("expected an interval"), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn interval_slots_are_aligned_so_every_process_agrees() {
-        let s: SweepSchedule = "5m".parse().unwrap();
-        assert_eq!(s.current_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:05:00Z"));
-        assert_eq!(s.current_slot(at("2026-11-28T10:05:00Z")), at("2026-11-28T10:05:00Z"));
-        assert_eq!(s.next_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:10:00Z"));
-        assert_eq!(s.interval_at(at("2026-11-28T10:05:00Z")), Duration::from_secs(300));
-    }
-
-    #[test]
-    fn cron_slots_step_back_to_the_previous_firing() {
-        let s: SweepSchedule = "*/15 * * * *".parse().unwrap();
-        assert_eq!(s.current_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:00:00Z"));
-        assert_eq!(s.current_slot(at("2026-11-28T10:15:00Z")), at("2026-11-28T10:15:00Z"));
-        assert_eq!(s.next_slot(at("2026-11-28T10:07:31Z")), at("2026-11-28T10:15:00Z"));
-        assert_eq!(s.interval_at(at("2026-11-28T10:00:00Z")), Duration::from_secs(900));
-    }
 
     #[test]
     fn sweeps_spread_over_the_interval_and_stretch_for_budgets() {
