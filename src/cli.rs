@@ -118,7 +118,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         return Ok(());
     }
     load_dotenv()?;
-    let config = Config::from_env()?;
+    let config: Config = tradeeon_shared::config::from_env()?;
     tradeeon_shared::telemetry::init(config.log.format);
 
     match command {

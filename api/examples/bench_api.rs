@@ -68,7 +68,7 @@ async fn start_server(database_url: &str, pool: u32) -> anyhow::Result<(SocketAd
         // The benchmark measures throughput, not the per-user write budget.
         ("API_USER_RATE_LIMIT_PER_MINUTE", "1000000000"),
     ]);
-    let config = Config::from_source(&vars)?;
+    let config: Config = tradeeon_shared::config::from_vars(&vars)?;
     let keyring = Arc::new(Keyring::parse(&Keyring::generate_key())?);
     let state = tradeeon_api::AppState::new(&config, store.clone(), keyring, prometheus::Registry::new())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -109,13 +109,10 @@ fn generate_key_file(path: &Path) -> Result<(Keyring, KeySource), KeyLoadError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Source;
-    use std::collections::HashMap;
+    use crate::config::from_vars;
 
     fn configs(vars: &[(&str, &str)]) -> (VaultConfig, DatabaseConfig) {
-        let map: HashMap<&str, &str> = vars.iter().copied().collect();
-        let src: &dyn Source = &map;
-        (VaultConfig::from_source(src), DatabaseConfig::from_source(src).unwrap())
+        (from_vars(vars.iter().copied()).unwrap(), from_vars(vars.iter().copied()).unwrap())
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
-use tradeeon_shared::config::{ExchangeEndpoints, WorkerConfig};
+use tradeeon_shared::config::{self, ExchangeEndpoints, WorkerConfig};
 use tradeeon_shared::domain::{Exchange, UserId};
 use tradeeon_shared::jobs::{JobId, JobKind, JobPayload, JobTicket, NewJob, Requester};
 use tradeeon_shared::store::{EncryptedCredentials, Store, UserContext};
@@ -64,7 +64,7 @@ async fn drop_database(name: &str) {
 fn endpoints(sim: &Simulator) -> ExchangeEndpoints {
     let env = sim.urls.as_env();
     let map: HashMap<&str, &str> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    ExchangeEndpoints::from_source(&map).expect("simulator endpoints")
+    config::from_vars(&map).expect("simulator endpoints")
 }
 
 /// A stopwatch for a run that ends when a watched count reaches its target: the time the

@@ -437,8 +437,8 @@ async fn publishing_is_off_without_an_aws_region() {
         return;
     }
     let (_registry, metrics) = worker_metrics();
-    let config = tradeeon_shared::config::MetricsConfig::from_source(&std::collections::HashMap::<&str, &str>::new())
-        .expect("defaults");
+    let no_vars = std::iter::empty::<(&str, &str)>();
+    let config: tradeeon_shared::config::MetricsConfig = tradeeon_shared::config::from_vars(no_vars).expect("defaults");
     assert_eq!(config.publisher, tradeeon_shared::config::MetricsPublisher::CloudWatch);
     let started = Instant::now();
     assert!(CloudWatchPublisher::from_config(&config, metrics).await.is_none());

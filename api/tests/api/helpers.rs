@@ -405,8 +405,7 @@ pub fn test_config(database_url: &str, jwks_base: &str, env: &[(&'static str, St
     for (k, v) in env {
         vars.insert(k, v.clone());
     }
-    let view: HashMap<&str, &str> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Config::from_source(&view).expect("test config")
+    tradeeon_shared::config::from_vars(&vars).expect("test config")
 }
 
 async fn start_and_run<F, Fut>(

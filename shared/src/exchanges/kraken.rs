@@ -142,7 +142,8 @@ impl NonceSource for LocalNonces {
 // -------------------------------------------------------------------------------------------------
 
 /// The account verification tier, which sets the REST call counter's maximum and decay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KrakenTier {
     #[default]
     Starter,

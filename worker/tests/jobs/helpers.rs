@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
-use tradeeon_shared::config::{ExchangeEndpoints, WorkerConfig};
+use tradeeon_shared::config::{self, ExchangeEndpoints, WorkerConfig};
 use tradeeon_shared::domain::{ApiKeyHint, AuditAction, ConnectionId, Exchange, UserId};
 use tradeeon_shared::exchanges::kraken::{LocalNonces, NonceSource};
 use tradeeon_shared::jobs::{JobId, JobPayload, JobRecord, NewJob};
@@ -35,7 +35,7 @@ pub struct TestApp {
 pub fn endpoints(sim: &Simulator) -> ExchangeEndpoints {
     let env = sim.urls.as_env();
     let map: HashMap<&str, &str> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    ExchangeEndpoints::from_source(&map).expect("simulator endpoints")
+    config::from_vars(&map).expect("simulator endpoints")
 }
 
 /// A worker environment for `store` with the default test configuration.
