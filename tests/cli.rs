@@ -5,29 +5,15 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use tradeeon_shared::config::Config;
 use tradeeon_shared::vault::Keyring;
 
-/// Every variable the service reads, removed so the developer's environment cannot leak in.
-const CONFIG_VARIABLES: &[&str] = &[
-    "DATABASE_URL",
-    "DATABASE_MAX_CONNECTIONS",
-    "MIGRATE_ON_START",
-    "ENCRYPTION_KEY",
-    "SUPABASE_URL",
-    "SUPABASE_JWT_SECRET",
-    "JWT_AUDIENCE",
-    "API_HOST",
-    "API_PORT",
-    "CORS_ORIGINS",
-    "LOG_FORMAT",
-    "EGRESS_IPS",
-];
-
-/// `tradeeon` run in `dir` (so `./data` and `.env` are the test's own) with a clean config.
+/// `tradeeon` run in `dir` (so `./data` and `.env` are the test's own) with a clean config: every
+/// variable the service reads is removed so the developer's environment cannot leak in.
 fn tradeeon(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tradeeon"));
     cmd.current_dir(dir).env("RUST_LOG", "info");
-    for var in CONFIG_VARIABLES {
+    for (var, _default) in Config::variables() {
         cmd.env_remove(var);
     }
     cmd

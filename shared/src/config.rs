@@ -550,6 +550,7 @@ fn cloudwatch_namespace<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         from_vars(vars.iter().copied())
@@ -735,5 +736,40 @@ mod tests {
             "WORKER_METRICS_PORT"
         );
         assert_eq!(from_vars::<WorkerConfig>([("KRAKEN_TIER", "gold")]).unwrap_err().variable, "KRAKEN_TIER");
+    }
+
+    /// README.md's configuration table is the operators' reference: it must name exactly the
+    /// variables the code reads, each with the code's default (`—` for none).
+    #[test]
+    fn readme_table_matches_the_variables_the_code_reads() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("\n## Configuration\n").nth(1).expect("README has a Configuration section");
+        let rows: Vec<(&str, Option<&str>)> = section
+            .lines()
+            .skip_while(|line| !line.starts_with("| variable | default |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                (cells[1].trim_matches('`'), (cells[2] != "—").then(|| cells[2].trim_matches('`')))
+            })
+            .collect();
+        let documented: BTreeMap<_, _> = rows.iter().copied().collect();
+        assert_eq!(documented.len(), rows.len(), "a variable appears twice in README.md's table");
+        let variables = Config::variables();
+        let read: BTreeMap<_, _> = variables.iter().copied().collect();
+        assert_eq!(read.len(), variables.len(), "two fields read the same variable: {variables:?}");
+        let names: BTreeSet<_> = documented.keys().chain(read.keys()).collect();
+        let show = |entry: Option<&Option<&str>>| match entry {
+            None => "absent".to_owned(),
+            Some(None) => "no default".to_owned(),
+            Some(Some(default)) => format!("default {default:?}"),
+        };
+        let differences: Vec<String> = names
+            .into_iter()
+            .filter(|name| documented.get(*name) != read.get(*name))
+            .map(|name| format!("{name}: README {}, code {}", show(documented.get(name)), show(read.get(name))))
+            .collect();
+        assert!(differences.is_empty(), "README.md's configuration table differs from the code:\n{differences:#?}");
     }
 }
