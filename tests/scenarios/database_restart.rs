@@ -29,7 +29,7 @@ struct Sent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_restart() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let cluster = PrivateCluster::start();
     let s = Scenario::start_on("database-restart", &cluster.admin_url()).await;
     s.add_log_to_scan(cluster.log_path());

@@ -26,7 +26,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_faults() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let s = Scenario::start("exchange-faults").await;
     let mut figures = Figures::default();
     let faults = &s.sim.state.faults;

@@ -17,7 +17,7 @@ const EXCHANGE_LATENCY: Duration = Duration::from_millis(1500);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_deploy() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let s = Scenario::start("graceful-deploy").await;
     let mut figures = Figures::default();
     let (mut api_proc, api) = s.spawn_api("api", &[]).await;

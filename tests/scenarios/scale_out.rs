@@ -50,7 +50,7 @@ impl Dice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "scale-out run (minutes): cargo test --release --test scenarios -- --ignored --nocapture scale_out"]
 async fn scale_out() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let s = Arc::new(Scenario::start("scale-out").await);
     let mut figures = Figures::default();
     let ((mut api_a, client_a), (mut api_b, client_b)) =
@@ -229,7 +229,7 @@ async fn scale_out() {
 }
 
 async fn run_user(s: &Scenario, apis: &[ApiClient; 2], index: usize) -> Outcome {
-    let exchange = if index % 2 == 0 { Exchange::Binance } else { Exchange::Kraken };
+    let exchange = if index.is_multiple_of(2) { Exchange::Binance } else { Exchange::Kraken };
     let fresh = || if exchange == Exchange::Binance { s.binance_key() } else { s.kraken_key() };
     let wrong = |creds: &Creds| {
         let mut bad = fresh();
@@ -329,8 +329,19 @@ async fn run_user(s: &Scenario, apis: &[ApiClient; 2], index: usize) -> Outcome 
 
 /// The jobs of the connection `job` belongs to, oldest first (what to read when a verdict is off).
 async fn connection_history(s: &Scenario, job: &str) -> String {
-    let rows: Vec<(String, String, String, String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT id, kind, status, created_at::text, started_at::text, finished_at::text, error
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: String,
+        kind: String,
+        status: String,
+        created: String,
+        started: Option<String>,
+        finished: Option<String>,
+        error: Option<String>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, kind, status, created_at::text AS created, started_at::text AS started,
+                finished_at::text AS finished, error
            FROM public.tradeeon_jobs
           WHERE connection_id = (SELECT connection_id FROM public.tradeeon_jobs WHERE id = $1)
           ORDER BY created_at",
@@ -340,7 +351,7 @@ async fn connection_history(s: &Scenario, job: &str) -> String {
     .await
     .expect("connection history");
     rows.iter()
-        .map(|(id, kind, status, created, started, finished, error)| {
+        .map(|Row { id, kind, status, created, started, finished, error }| {
             format!(
                 "  {id} {kind} {status} created {created} started {} finished {} {}",
                 started.as_deref().unwrap_or("-"),

@@ -19,7 +19,7 @@ const TRACE: &str = "trace,hyper=info,hyper_util=info,h2=info,rustls=info,tokio=
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_leak() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let s = Scenario::start("secrets").await;
     let mut figures = Figures::default();
     let (mut api_proc, api) = s.spawn_api("api", &[("RUST_LOG", TRACE)]).await;
@@ -33,7 +33,8 @@ async fn secrets_never_leak() {
     let mut jobs: Vec<(User, String)> = Vec::new();
     let mut requests = 0u64;
 
-    let kinds: [(&str, fn(&Scenario) -> Creds); 4] = [
+    type NewKey = fn(&Scenario) -> Creds;
+    let kinds: [(&str, NewKey); 4] = [
         ("binance", Scenario::binance_key),
         ("kraken", Scenario::kraken_key),
         ("coinbase (CDP)", Scenario::coinbase_cdp_key),

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -43,12 +43,14 @@ const LOG_FILTER: &str = "info,tradeeon=debug,tradeeon_api=debug,tradeeon_worker
 // Scenarios run one at a time
 // ---------------------------------------------------------------------------------------------
 
-static EXCLUSIVE: Mutex<()> = Mutex::new(());
+// Async: the guard lives across the scenario's awaits. A scenario that panics still frees it for
+// the next (a tokio mutex does not poison).
+static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Held for a whole scenario: each one starts several processes and measures timings, which two
 /// scenarios side by side on a 2-core CI machine would only blur.
-pub fn exclusive() -> MutexGuard<'static, ()> {
-    EXCLUSIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    EXCLUSIVE.lock().await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -540,18 +542,14 @@ impl Scenario {
 
     /// Statuses of the given jobs (missing ids are absent from the map).
     pub async fn job_statuses(&self, ids: &[String]) -> BTreeMap<String, JobRow> {
-        let rows: Vec<(String, String, String, i32, Option<Value>, Option<String>)> = sqlx::query_as(
+        let rows: Vec<JobRow> = sqlx::query_as(
             "SELECT id, kind, status, attempts, result, error FROM public.tradeeon_jobs WHERE id = ANY($1)",
         )
         .bind(ids)
         .fetch_all(&self.db.pool)
         .await
         .expect("job statuses");
-        rows.into_iter()
-            .map(|(id, kind, status, attempts, result, error)| {
-                (id.clone(), JobRow { id, kind, status, attempts, result, error })
-            })
-            .collect()
+        rows.into_iter().map(|row| (row.id.clone(), row)).collect()
     }
 
     /// Waits until every job in `ids` is `done` or `failed`; returns them. Panics at the deadline
@@ -715,7 +713,7 @@ impl std::fmt::Display for LeakScan {
 }
 
 /// One `tradeeon_jobs` row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
     pub id: String,
     pub kind: String,

@@ -45,7 +45,7 @@ struct Seeded {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark (minutes): cargo test --release --test scenarios -- --ignored --nocapture sweep_at_scale"]
 async fn sweep_at_scale() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let total: usize = env_number("SCENARIO_SWEEP_CONNECTIONS", 100_000);
     let worker_count: usize = env_number("SCENARIO_SWEEP_WORKERS", 2);
     let s = Scenario::start("sweep-at-scale").await;
@@ -120,18 +120,27 @@ async fn sweep_at_scale() {
         .await;
     let (enqueued_at, finished_at): (DateTime<Utc>, DateTime<Utc>) =
         wait_until("every check to settle", sweep_limit, Duration::from_secs(1), || async {
-            let row: (Option<i32>, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
-                "SELECT (SELECT enqueued FROM public.health_sweeps WHERE slot = $1),
-                        count(*) FILTER (WHERE status IN ('done', 'failed')),
-                        max(created_at), max(finished_at)
+            #[derive(sqlx::FromRow)]
+            struct Progress {
+                enqueued: Option<i32>,
+                settled: i64,
+                created: Option<DateTime<Utc>>,
+                finished: Option<DateTime<Utc>>,
+            }
+            let progress: Progress = sqlx::query_as(
+                "SELECT (SELECT enqueued FROM public.health_sweeps WHERE slot = $1) AS enqueued,
+                        count(*) FILTER (WHERE status IN ('done', 'failed')) AS settled,
+                        max(created_at) AS created, max(finished_at) AS finished
                    FROM public.tradeeon_jobs WHERE kind = 'health_check'",
             )
             .bind(slot)
             .fetch_one(&s.db.pool)
             .await
             .expect("progress");
-            match row {
-                (Some(enqueued), settled, Some(created), Some(finished)) if settled >= i64::from(enqueued) => {
+            match progress {
+                Progress { enqueued: Some(enqueued), settled, created: Some(created), finished: Some(finished) }
+                    if settled >= i64::from(enqueued) =>
+                {
                     Some((created, finished))
                 }
                 _ => None,

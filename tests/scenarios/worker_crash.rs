@@ -23,7 +23,7 @@ struct Connection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_crash() {
-    let _serial = support::exclusive();
+    let _serial = support::exclusive().await;
     let s = Scenario::start("worker-crash").await;
     let mut figures = Figures::default();
     let (mut api_proc, api) = s.spawn_api("api", &[]).await;

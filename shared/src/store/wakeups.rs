@@ -61,21 +61,6 @@ pub(super) fn wakeup_payload(queue: &str, ticket_id: ulid::Ulid, run_at: DateTim
     (run_at <= Utc::now()).then(|| format!(r#"{{"job_type":"{queue}","id":"{ticket_id}"}}"#))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wakeup_is_what_apalis_listener_reads() {
-        let id = ulid::Ulid::generate();
-        let payload = wakeup_payload("tradeeon", id, Utc::now()).expect("due now");
-        let event: apalis_postgres::InsertEvent = serde_json::from_str(&payload).unwrap();
-        assert_eq!(event.job_type, "tradeeon");
-        assert_eq!(event.id.to_string(), id.to_string());
-        assert_eq!(wakeup_payload("tradeeon", id, Utc::now() + chrono::Duration::seconds(5)), None, "not due yet");
-    }
-}
-
 async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
@@ -93,5 +78,20 @@ async fn send_wakeups(pool: PgPool, mut rx: mpsc::Receiver<String>) {
             tracing::debug!(error = %err, wakeups = batch.len(), "worker wake-ups not sent; workers will poll");
         }
         batch.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wakeup_is_what_apalis_listener_reads() {
+        let id = ulid::Ulid::generate();
+        let payload = wakeup_payload("tradeeon", id, Utc::now()).expect("due now");
+        let event: apalis_postgres::InsertEvent = serde_json::from_str(&payload).unwrap();
+        assert_eq!(event.job_type, "tradeeon");
+        assert_eq!(event.id.to_string(), id.to_string());
+        assert_eq!(wakeup_payload("tradeeon", id, Utc::now() + chrono::Duration::seconds(5)), None, "not due yet");
     }
 }
