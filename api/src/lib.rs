@@ -6,7 +6,8 @@
 //!
 //! Modules: [`auth`] verifies Supabase tokens; `extract` turns requests into the caller, the
 //! client's address and validated JSON; `validate` checks credential shapes; `routes` holds one
-//! module per route group, each documented for [`openapi`]; `metrics` names the API's metrics.
+//! module per route group, each documented for [`openapi`]; `metrics` names the API's metrics;
+//! `request_id` labels every request and its log lines.
 
 pub mod auth;
 mod error;
@@ -15,6 +16,7 @@ pub mod login_state;
 mod metrics;
 pub mod openapi;
 mod ratelimit;
+mod request_id;
 mod routes;
 pub mod ui;
 mod validate;
@@ -168,11 +170,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(metrics::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), strict_transport_security))
-        .layer(TraceLayer::new_for_http());
+        .layer(TraceLayer::new_for_http().make_span_with(request_id::span));
     if let Some(cors) = cors(&state.settings.cors_origins) {
         app = app.layer(cors);
     }
-    app.with_state(state)
+    request_id::layer(app).with_state(state)
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -185,7 +187,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
             .allow_origin(AllowOrigin::list(origins))
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
-            .expose_headers([header::RETRY_AFTER, header::LINK, HeaderName::from_static("www-authenticate")])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::LINK,
+                HeaderName::from_static("www-authenticate"),
+                request_id::HEADER,
+            ])
             .max_age(Duration::from_secs(600)),
     )
 }

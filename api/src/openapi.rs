@@ -22,7 +22,10 @@ use crate::AppState;
         title = "Tradeeon Connect API",
         description = "Connect exchange accounts by API key. The API authenticates (Supabase JWT), validates, \
                        encrypts and enqueues jobs; workers check the keys. Every error is \
-                       `{\"error\": {\"code\", \"message\", \"field\"?, \"job_id\"?}}`."
+                       `{\"error\": {\"code\", \"message\", \"field\"?, \"job_id\"?}}`. Every answer \
+                       carries an `X-Request-Id` header, which the service's log lines for that request carry \
+                       too: the request's own `X-Request-Id` if it is at most 64 letters, digits or `-_.:+/=`, \
+                       otherwise a new UUID."
     ),
     modifiers(&BearerAuth),
     tags(

@@ -4,13 +4,12 @@
 //! (every table on PostgreSQL; the raw database files on SQLite). Only Fernet tokens may be
 //! stored.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::helpers::{self, Backend, TestApp};
+use crate::helpers::{self, Backend, LogBuffer, TestApp};
 
 #[tokio::test]
 async fn postgres() {
@@ -22,21 +21,8 @@ async fn sqlite() {
     with_captured_logs(Backend::Sqlite).await;
 }
 
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 async fn with_captured_logs(backend: Backend) {
-    let logs = Buffer::default();
+    let logs = LogBuffer::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -50,7 +36,7 @@ async fn with_captured_logs(backend: Backend) {
     let (c, s) = (canaries.clone(), seen.clone());
     helpers::run(backend, &[], move |app| exercise(app, c, s)).await;
 
-    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let logs = logs.text();
     assert!(logs.contains("tradeeon_api"), "the app's logs were captured ({} bytes)", logs.len());
     let responses = seen.lock().unwrap().clone();
     for canary in canaries.all() {
@@ -167,6 +153,11 @@ async fn exercise(app: TestApp, c: Canaries, seen: Arc<Mutex<String>>) {
     )
     .await;
     assert_eq!(session["job"]["kind"], "kite_session");
+    // Kite's redirect brings the browser back with the request token in the query string.
+    let callback =
+        app.get(&format!("/kite/callback?action=login&status=success&request_token={}", c.request_token), None).await;
+    assert_eq!(callback.status(), 200);
+    record(&seen, callback).await;
 
     // Rejected requests must not echo what they rejected either.
     for body in [

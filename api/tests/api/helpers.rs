@@ -244,6 +244,26 @@ pub fn raw_token(header: &Value, claims: &Value, key: Option<&[u8]>) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// Captures what a tracing subscriber writes (give it `move || buffer.clone()` as its writer).
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogBuffer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A signed-in user of the app under test.
 #[derive(Debug, Clone)]
 pub struct TestUser {

@@ -1,9 +1,16 @@
 //! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/metrics`, `/ui/config`),
-//! CORS, HSTS, and the client address recorded in audit rows.
+//! CORS, HSTS, the client address recorded in audit rows, and the request id every answer and
+//! log line carries.
+
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
+use tracing_subscriber::EnvFilter;
+use tradeeon_shared::config::LogFormat;
+use tradeeon_shared::jobs::JobId;
+use tradeeon_shared::telemetry;
 
-use crate::helpers::{self, TestApp};
+use crate::helpers::{self, Backend, LogBuffer, TestApp};
 
 both!(
     health_and_ready,
@@ -18,6 +25,7 @@ both!(forwarded_for_is_ignored_by_default);
 both_with!([("TRUST_PROXY", "true")], hsts_only_for_requests_the_proxy_received_over_https);
 both!(hsts_needs_a_trusted_proxy);
 both_with!([("PORTAL_SIGNIN_URL", "https://portal.tradeeon.test/connect/signin")], ui_config_names_the_portal);
+both!(every_answer_carries_a_request_id);
 
 async fn health_and_ready(app: TestApp) {
     let response = app.get("/health", None).await;
@@ -128,6 +136,12 @@ async fn cors_allows_only_configured_origins(app: TestApp) {
     assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.tradeeon.test");
     let denied = preflight("https://evil.example").await.unwrap();
     assert!(denied.headers().get("access-control-allow-origin").is_none());
+    // The CORS layer answers a preflight itself; it gets an id all the same.
+    assert!(allowed.headers().contains_key("x-request-id"));
+    // The web UI may read the id of an answer to quote it.
+    let answer = app.client.get(app.url("/health")).header("origin", "https://app.tradeeon.test").send().await.unwrap();
+    let exposed = answer.headers()["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
+    assert!(exposed.split(',').any(|h| h.trim() == "x-request-id"), "{exposed}");
 }
 
 async fn audit_ip(app: &TestApp, forwarded: &str) -> Value {
@@ -190,4 +204,106 @@ async fn ui_config_names_the_portal(app: TestApp) {
     let config: Value = app.get("/ui/config", None).await.json().await.unwrap();
     assert_eq!(config["portal_signin_url"], "https://portal.tradeeon.test/connect/signin");
     assert_eq!(config["local_sign_in"], false);
+}
+fn request_id(response: &reqwest::Response) -> String {
+    let id = response.headers().get_all("x-request-id").iter().collect::<Vec<_>>();
+    assert_eq!(id.len(), 1, "one x-request-id on {}: {id:?}", response.url());
+    id[0].to_str().unwrap().to_owned()
+}
+
+async fn every_answer_carries_a_request_id(app: TestApp) {
+    // Generated when absent: a fresh UUID per request, on handled and unmatched paths alike.
+    let first = request_id(&app.get("/health", None).await);
+    let second = request_id(&app.get("/health", None).await);
+    let unmatched = request_id(&app.get("/definitely/not/here", None).await);
+    for id in [&first, &second, &unmatched] {
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
+    assert_ne!(first, second);
+    assert_ne!(second, unmatched);
+
+    let with_id = |id: &str| app.client.get(app.url("/exchanges")).header("x-request-id", id).send();
+    // A short plain token from the client (its own id, a proxy's) is kept and echoed.
+    for id in ["client-chosen-0001", "01J9ZQ4M5X8Y7W6V5T4S3R2Q1P", "Root=1-5759e988-bd862e3fe1be46a9"] {
+        assert_eq!(request_id(&with_id(id).await.unwrap()), id);
+    }
+    // Anything else is replaced, so a client cannot write arbitrary text into the logs.
+    for id in ["two words", "x".repeat(65).as_str(), "quote\"d", "semi;colon"] {
+        let answered = request_id(&with_id(id).await.unwrap());
+        assert!(uuid::Uuid::parse_str(&answered).is_ok(), "{id:?} was answered with {answered:?}");
+    }
+    let twice = app
+        .client
+        .get(app.url("/exchanges"))
+        .header("x-request-id", "first-0001")
+        .header("x-request-id", "second-0002")
+        .send()
+        .await
+        .unwrap();
+    assert!(uuid::Uuid::parse_str(&request_id(&twice)).is_ok());
+}
+
+mod request_ids_are_in_their_log_lines {
+    #[tokio::test]
+    async fn postgres() {
+        super::request_ids_are_in_their_log_lines(crate::helpers::Backend::Postgres).await;
+    }
+    #[tokio::test]
+    async fn sqlite() {
+        super::request_ids_are_in_their_log_lines(crate::helpers::Backend::Sqlite).await;
+    }
+}
+
+/// Logs as production writes them (JSON, the default verbosity): every line a request's handler
+/// writes carries that request's id.
+async fn request_ids_are_in_their_log_lines(backend: Backend) {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber =
+        telemetry::subscriber(LogFormat::Json, EnvFilter::new(telemetry::DEFAULT_FILTER), move || writer.clone());
+    // #[tokio::test] runs everything (the app's tasks included) on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let answered = ids.clone();
+    helpers::run(backend, &[], move |app| async move {
+        let user = app.user();
+        // An unknown job: its handler logs the 404 at info.
+        let path = format!("/jobs/{}", JobId::new());
+        let supplied = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&user.token)
+            .header("x-request-id", "client-chosen-0002")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(supplied.status(), 404);
+        let generated = app.get(&path, Some(&user)).await;
+        assert_eq!(generated.status(), 404);
+        answered.lock().unwrap().extend([request_id(&supplied), request_id(&generated)]);
+    })
+    .await;
+
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids[0], "client-chosen-0002");
+    let lines: Vec<Value> =
+        logs.text().lines().map(|line| serde_json::from_str(line).expect("a JSON log line")).collect();
+    let spans = |line: &Value| -> Vec<Value> { line["spans"].as_array().cloned().unwrap_or_default() };
+    let request_id_of = |line: &Value| -> Option<String> {
+        spans(line).iter().find(|s| s["name"] == "request").and_then(|s| s["request_id"].as_str().map(str::to_owned))
+    };
+    let handler_lines: Vec<&Value> =
+        lines.iter().filter(|line| spans(line).iter().any(|s| s["name"] == "get_job")).collect();
+    for id in &ids {
+        assert!(
+            handler_lines.iter().any(|line| request_id_of(line).as_ref() == Some(id)),
+            "no log line of the handler carries the request id {id}:\n{lines:#?}"
+        );
+    }
+    for line in handler_lines {
+        assert!(
+            request_id_of(line).is_some_and(|id| ids.contains(&id)),
+            "a handler line without its request id: {line}"
+        );
+    }
 }

@@ -1,0 +1,79 @@
+//! The request id: every request gets an `X-Request-Id`, every response carries it back, and every
+//! log line written while the request is served carries it in the `request` span, so a client
+//! (or an operator) can find that request's log lines from its response.
+//!
+//! An id the client sends is kept if it is a short plain token (at most 64 letters, digits or
+//! `-_.:+/=`: a UUID, a ULID, a proxy's trace id): it is only a label for correlating logs, grants
+//! nothing, and a caller can only label its own requests. Anything else (too long, other
+//! characters, several headers) is replaced by a fresh UUID, so a client cannot write arbitrary
+//! text into the logs.
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderName;
+use axum::middleware;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+
+/// The header, on requests and responses.
+pub(crate) const HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client-supplied id that is kept.
+const MAX_LEN: usize = 64;
+
+/// Wraps `router` (outermost, so even answers no handler sees carry an id).
+pub(crate) fn layer<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(PropagateRequestIdLayer::new(HEADER))
+        .layer(SetRequestIdLayer::new(HEADER, MakeRequestUuid))
+        .layer(middleware::map_request(drop_unusable))
+}
+
+/// The span every log line of a request is written in. INFO, so that it is enabled wherever the
+/// handlers' own lines are. It records the path but not the query string: `/kite/callback`
+/// receives a Kite request token there.
+pub(crate) fn span(request: &Request) -> tracing::Span {
+    let id = request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("");
+    tracing::info_span!("request", method = %request.method(), path = request.uri().path(), request_id = id)
+}
+
+/// Removes a client-supplied id that is not kept (see the module doc), so one is generated.
+async fn drop_unusable(mut request: Request) -> Request {
+    let mut ids = request.headers().get_all(&HEADER).iter();
+    let usable = match (ids.next(), ids.next()) {
+        (Some(id), None) => is_usable(id.as_bytes()),
+        (None, _) => true,
+        (Some(_), Some(_)) => false,
+    };
+    if !usable {
+        request.headers_mut().remove(&HEADER);
+    }
+    request
+}
+
+fn is_usable(id: &[u8]) -> bool {
+    (1..=MAX_LEN).contains(&id.len())
+        && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'+' | b'/' | b'='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_short_tokens_are_kept() {
+        assert!(is_usable(b"5f0c6c3e-1b1e-4c1a-9d3c-0f8a6b7e2d41"));
+        assert!(is_usable(b"01J9ZQ4M5X8Y7W6V5T4S3R2Q1P"));
+        assert!(is_usable(b"Root=1-5759e988-bd862e3fe1be46a9"));
+        assert!(is_usable(&[b'a'; MAX_LEN]));
+    }
+
+    #[test]
+    fn anything_else_is_replaced() {
+        assert!(!is_usable(b""));
+        assert!(!is_usable(&[b'a'; MAX_LEN + 1]));
+        assert!(!is_usable(b"two words"));
+        assert!(!is_usable(b"line\nbreak"));
+        assert!(!is_usable(b"quote\"d"));
+        assert!(!is_usable("caf\u{e9}".as_bytes()));
+    }
+}
