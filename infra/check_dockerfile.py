@@ -2,7 +2,12 @@
 """Static review of the Dockerfile and .dockerignore (CI has no container engine to build with).
 
 Asserts what the image promises:
-  * a multi-stage build whose final stage runs as a non-root USER, from a slim base;
+  * a multi-stage build whose final stage runs as a non-root USER, from a minimal base that keeps
+    glibc and CA certificates: distroless/cc (which has both), or Debian slim installing
+    ca-certificates, on the build image's Debian release;
+  * the shipped binary has no debug info: the release profile leaves none, or the build stage
+    strips the copied binary after `cargo build` (strip, objcopy --strip-debug/--strip-all, or
+    Cargo's strip setting); a split-off debug file (.debug, .dwp) never enters the final stage;
   * the final stage takes only the built binary from the build stage: no sources from the build
     context, no compiler or build tools installed;
   * HEALTHCHECK, ENTRYPOINT and CMD in exec form (so SIGTERM reaches `tradeeon` as PID 1), and a
@@ -31,6 +36,11 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 BUILD_TOOLS = re.compile(r"\b(cargo|rustc|rustup|gcc|g\+\+|clang|make|cmake|build-essential|pkg-config|git|curl|wget)\b")
 RUNTIME_PACKAGES = {"ca-certificates", "tzdata"}
+# distroless/<variant>-debian<N>: the variants with glibc. `cc` adds libgcc_s, which Rust binaries
+# link (unwinding); `static` has no libc at all.
+DISTROLESS_GLIBC_VARIANTS = {"cc"}
+DEBIAN_CODENAMES = {"11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+DEBUG_FILE_SUFFIXES = (".debug", ".dwp", ".dSYM")
 # Never part of the build context.
 MUST_BE_IGNORED = [".git/config", "target/release/tradeeon", ".env", ".venv/bin/python", "data/tradeeon.db",
                    "data/encryption.key", "shared/target/x", "node_modules/x/index.js"]
@@ -204,9 +214,48 @@ def workspace_inputs() -> tuple[set[str], str]:
 
 
 def debian_release(image: str) -> str:
-    """`trixie` for rust:1.95-slim-trixie and for debian:trixie-slim."""
+    """`trixie` for rust:1.95-slim-trixie, debian:trixie-slim and gcr.io/distroless/cc-debian13."""
+    distroless = re.search(r"distroless/[\w.]+-debian(\d+)", image)
+    if distroless:
+        return DEBIAN_CODENAMES.get(distroless.group(1), f"debian{distroless.group(1)}")
     words = [w for w in image.split(":")[-1].split("-") if w != "slim" and not re.match(r"\d", w)]
     return words[-1] if words else ""
+
+
+def cargo_strips_release() -> bool:
+    """Whether `cargo build --release` already leaves no debug info in the binary (Cargo.toml)."""
+    manifest = tomllib.loads((ROOT / "Cargo.toml").read_text(encoding="utf-8"))
+    release = manifest.get("profile", {}).get("release", {})
+    strip, debug = release.get("strip"), release.get("debug")
+    if strip in (True, "debuginfo", "symbols"):
+        return True
+    # Without debug info requested, Cargo strips what the standard library brings (strip = "debuginfo").
+    return debug in (None, False, 0, "none") and strip is None
+
+
+def build_strips(build: Stage, binary: str) -> bool:
+    """Whether the build stage removes the debug info of `binary`, the path the final stage copies."""
+    texts = [i.arguments for i in build.instructions if i.keyword in ("RUN", "ENV", "ARG")]
+    joined = " ".join(texts)
+    # Cargo's own strip setting, from the environment or --config.
+    if re.search(r"CARGO_PROFILE_RELEASE_STRIP[= ]\"?(true|debuginfo|symbols)\b", joined):
+        return True
+    if re.search(r"--config[= ]['\"]?profile\.release\.strip\s*=\s*['\"]?(true|debuginfo|symbols)\b", joined):
+        return True
+    # Or strip/objcopy on the copied binary, after cargo built it.
+    name = PurePosixPath(binary).name
+    stripping = re.compile(
+        r"\b(?:strip(?:\s+(?:--strip-(?:debug|all|unneeded)|-[gsSx]|--\S+))*"
+        r"|objcopy(?:\s+--?\S+)*?\s+(?:--strip-(?:debug|all|unneeded)|-[gS])(?:\s+--?\S+)*)"
+        r"\s+(\S+)\s*(?:$|&&|;|\|)"
+    )
+    for text in (i.arguments for i in build.instructions if i.keyword == "RUN"):
+        built = re.search(r"cargo build\b", text)
+        for match in stripping.finditer(text):
+            target = match.group(1)
+            if (target == binary or PurePosixPath(target).name == name) and built and match.start() > built.start():
+                return True
+    return False
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -221,10 +270,22 @@ def main() -> int:
     build, final = stages[0], stages[-1]
     names = {s.name for s in stages if s.name}
 
-    # Final stage: slim, non-root, only the binary.
+    # Final stage: minimal, glibc and CA certificates, non-root, only the binary.
     final_base = expand(final.base, args)
     check("rust" not in final_base.split(":")[0], f"the final stage must not be a Rust toolchain image ({final_base})")
     check("slim" in final_base or "distroless" in final_base, f"the final stage should use a slim base ({final_base})")
+    distroless = re.search(r"distroless/([\w.]+?)(?:-debian\d+)?(?::|$)", final_base)
+    if distroless:
+        check(
+            distroless.group(1) in DISTROLESS_GLIBC_VARIANTS,
+            f"the final stage's distroless/{distroless.group(1)} lacks what the glibc-linked binary needs; use distroless/cc",
+        )
+    else:
+        installs = " ".join(i.arguments for i in final.instructions if i.keyword == "RUN")
+        check(
+            re.search(r"apt-get install [^&;|]*\bca-certificates\b", installs) is not None,
+            f"the final stage ({final_base}) must install ca-certificates (TLS to the exchanges, AWS and PostgreSQL)",
+        )
     users = [i.arguments for i in final.instructions if i.keyword == "USER"]
     check(bool(users), "the final stage must set a USER")
     if users:
@@ -272,9 +333,26 @@ def main() -> int:
         for instruction in found:
             check(exec_form(instruction.arguments) is not None, f"line {instruction.line}: {keyword} must be in exec form so SIGTERM reaches tradeeon")
     entrypoint = [exec_form(i.arguments) for i in final.instructions if i.keyword == "ENTRYPOINT"]
-    binary_copies = [copy_sources(i)[2] for i in final.instructions if i.keyword == "COPY"]
+    final_copies = [copy_sources(i) for i in final.instructions if i.keyword == "COPY"]
+    binary_copies = [destination for _, _, destination in final_copies]
     if entrypoint and entrypoint[-1]:
         check(entrypoint[-1][0] in binary_copies, f"ENTRYPOINT runs {entrypoint[-1][0]}, which the final stage does not copy in")
+    # No debug info in the image: stripped in the build stage, the split-off file left behind.
+    for _, sources, _ in final_copies:
+        for source in sources:
+            check(not source.endswith(DEBUG_FILE_SUFFIXES), f"the final stage copies the debug file {source}")
+    if entrypoint and entrypoint[-1]:
+        shipped = [
+            source
+            for flags, sources, destination in final_copies
+            if destination == entrypoint[-1][0] and any(f == f"--from={build.name}" for f in flags)
+            for source in sources
+        ]
+        check(
+            bool(shipped) and (cargo_strips_release() or all(build_strips(build, source) for source in shipped)),
+            f"the binary the final stage copies ({', '.join(shipped) or 'none from the build stage'}) keeps the debug info "
+            "the release profile builds in; strip it in the build stage (or keep a split-off debug file there)",
+        )
     check(any(i.keyword == "EXPOSE" and "8000" in i.arguments.split() for i in final.instructions), "the final stage should EXPOSE 8000")
 
     # Build stage: every input cargo reads, a locked release build, a new enough toolchain.
