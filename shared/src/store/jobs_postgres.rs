@@ -416,7 +416,7 @@ impl PgBatches {
         let get_job = batch_fn(|mut conn, keys| async move { get_jobs(&mut *conn, keys).await });
         let claim = batch_fn(|mut conn, ids| async move { claim_jobs(&mut *conn, ids).await });
         let finish = batch_fn(|mut conn, outcomes| async move { finish_jobs(&mut *conn, outcomes).await });
-        let record_check = batch_fn(|mut conn, writes| async move { record_checks(&mut *conn, writes).await });
+        let record_check = batch_fn(|mut conn, writes| async move { record_checks(&mut conn, writes).await });
         Self {
             enqueue: Coalescer::start(pool, lanes, MAX_BATCH, enqueue),
             get_job: Coalescer::start(pool, lanes, MAX_BATCH, get_job),
