@@ -66,6 +66,8 @@ impl AuthError {
 pub struct AuthenticatedUser {
     pub id: UserId,
     pub email: Option<String>,
+    /// The session passed a second factor (`aal` = `aal2`).
+    pub aal2: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +79,9 @@ struct Claims {
     /// Supabase marks the users of anonymous sign-ins.
     #[serde(default)]
     is_anonymous: bool,
+    /// Supabase's authenticator assurance level: `aal1`, or `aal2` after MFA.
+    #[serde(default)]
+    aal: Option<String>,
 }
 
 /// Verifies access tokens. Cheap to share behind an `Arc`.
@@ -152,7 +157,8 @@ impl Authenticator {
         let sub = data.claims.sub.ok_or(AuthError::Subject)?;
         let id = Uuid::parse_str(&sub).map_err(|_| AuthError::Subject)?;
         let email = data.claims.email.filter(|e| !e.is_empty() && e.len() <= 320);
-        Ok(AuthenticatedUser { id: UserId(id), email })
+        let aal2 = data.claims.aal.as_deref() == Some("aal2");
+        Ok(AuthenticatedUser { id: UserId(id), email, aal2 })
     }
 }
 

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// Another write conflicts with this one (409).
     #[error("conflict")]
     Conflict { code: &'static str, message: &'static str },
+    /// `REQUIRE_AAL2` is on and the session did not pass a second factor (403).
+    #[error("a second factor is required")]
+    MfaRequired,
     /// The per-user write budget is spent (429, `Retry-After`).
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
@@ -78,6 +81,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Invalid(invalid) => invalid.status,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MfaRequired => StatusCode::FORBIDDEN,
             Self::JobInProgress { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -90,6 +94,7 @@ impl ApiError {
             Self::Unauthorized(err) => err.code(),
             Self::Invalid(invalid) => invalid.code,
             Self::NotFound => "not_found",
+            Self::MfaRequired => "mfa_required",
             Self::JobInProgress { .. } => "job_in_progress",
             Self::Conflict { code, .. } => code,
             Self::RateLimited { .. } => "rate_limited",
@@ -103,6 +108,11 @@ impl ApiError {
             Self::Unauthorized(err) => err.to_string(),
             Self::Invalid(invalid) => invalid.message.clone(),
             Self::NotFound => "No such resource.".into(),
+            Self::MfaRequired => {
+                "Changing exchange keys needs a session verified with a second factor: sign in again with \
+                 multi-factor authentication."
+                    .into()
+            }
             Self::JobInProgress { .. } => {
                 "A verification or rotation is already queued or running for this connection; wait for job_id to \
                  finish."

@@ -45,6 +45,9 @@ impl FromRequestParts<AppState> for AuthUser {
         let token = bearer_token(&parts.headers)?;
         let user = state.auth.verify(token).await?;
         if is_write(&parts.method) {
+            if state.settings.require_aal2 && !user.aal2 {
+                return Err(ApiError::MfaRequired);
+            }
             state.limiter.check(user.id)?;
         }
         let context = UserContext { user_id: user.id, email: user.email };

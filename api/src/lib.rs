@@ -100,6 +100,7 @@ struct Settings {
     kite_login: Url,
     cors_origins: Vec<String>,
     portal_signin_url: Option<Url>,
+    require_aal2: bool,
 }
 
 impl AppState {
@@ -140,6 +141,7 @@ impl AppState {
                 kite_login: config.exchanges.kite_login.clone(),
                 cors_origins: config.http.cors_origins.clone(),
                 portal_signin_url: config.auth.portal_signin_url.clone(),
+                require_aal2: config.auth.require_aal2,
             }),
             metrics: Arc::new(metrics),
             limiter: Arc::new(UserRateLimiter::new(config.http.user_rate_limit_per_minute)),

@@ -72,6 +72,14 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut document) =
         OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi()).merge(crate::routes::all()).split_for_parts();
     for item in document.paths.paths.values_mut() {
+        for operation in [&mut item.post, &mut item.delete].into_iter().flatten() {
+            if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                operation.responses.responses.entry("403".into()).or_insert_with(|| {
+                    error_response("With `REQUIRE_AAL2`, the session did not pass a second factor (`mfa_required`)")
+                        .into()
+                });
+            }
+        }
         for operation in operations(item) {
             common_responses(operation);
             links(operation);

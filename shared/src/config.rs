@@ -245,6 +245,11 @@ pub struct AuthConfig {
     /// issued. No default (the UI then has no way to sign in but the embedded default's links).
     #[serde(rename = "PORTAL_SIGNIN_URL", default, deserialize_with = "http_url")]
     pub portal_signin_url: Option<Url>,
+    /// `REQUIRE_AAL2` — refuse writes (connecting, rotating, revoking, testing keys) unless the
+    /// token says the user passed a second factor in this session (`aal` = `aal2`, Supabase MFA).
+    /// Default false.
+    #[serde(rename = "REQUIRE_AAL2=false", deserialize_with = "flag")]
+    pub require_aal2: bool,
 }
 
 /// The HTTP listener of the API.

@@ -254,6 +254,7 @@ async fn without_configuration_every_token_is_refused() {
 // Over HTTP
 // ---------------------------------------------------------------------------------------------
 
+both_with!([("REQUIRE_AAL2", "true")], with_require_aal2_writes_need_a_second_factor);
 both!(
     anonymous_users_get_401_anonymous_user,
     refused_tokens_get_401_with_www_authenticate,
@@ -327,4 +328,45 @@ async fn anonymous_users_get_401_anonymous_user(app: TestApp) {
     let error = helpers::error_of(response, 401).await;
     assert_eq!(error["code"], "anonymous_user");
     assert_eq!(app.count("users").await, 0);
+}
+
+async fn with_require_aal2_writes_need_a_second_factor(app: TestApp) {
+    let user = Uuid::new_v4();
+    let token = |aal: Option<&str>| {
+        let mut claims = app.jwks.claims(user);
+        if let Some(aal) = aal {
+            claims["aal"] = json!(aal);
+        }
+        hs256(&claims, JWT_SECRET)
+    };
+    let test_keys = json!({ "exchange": "binance", "api_key": "k", "api_secret": "s" });
+    for aal in [None, Some("aal1"), Some("AAL2 ")] {
+        let token = token(aal);
+        let read = app.client.get(app.url("/connections")).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(read.status(), 200, "{aal:?}: reads stay open");
+        for (method, path) in
+            [("POST", "/connections/test"), ("DELETE", "/connections/00000000-0000-4000-8000-000000000001")]
+        {
+            let response = app
+                .client
+                .request(method.parse().unwrap(), app.url(path))
+                .bearer_auth(&token)
+                .json(&test_keys)
+                .send()
+                .await
+                .unwrap();
+            let error = helpers::error_of(response, 403).await;
+            assert_eq!(error["code"], "mfa_required", "{aal:?} {method} {path}");
+        }
+    }
+    assert_eq!(app.count("tradeeon_jobs").await, 0, "nothing was enqueued");
+    let response = app
+        .client
+        .post(app.url("/connections/test"))
+        .bearer_auth(token(Some("aal2")))
+        .json(&test_keys)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
 }
