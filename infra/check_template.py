@@ -91,7 +91,7 @@ def check_containers(template: dict, rust: str) -> None:
                 f"{name}: {variable} looks like a secret set as a plain environment value",
             )
             check(
-                variable in VARIABLES_READ_BY_LIBRARIES or f'"{variable}"' in rust,
+                variable in VARIABLES_READ_BY_LIBRARIES or re.search(rf'"{variable}(=[^"]*)?"', rust),
                 f"{name}: the stack sets {variable}, which no Rust source reads (typo, or renamed?)",
             )
         check(env.get("LOG_FORMAT") == "json", f"{name}: LOG_FORMAT must be json in AWS")
