@@ -237,6 +237,19 @@ def check_load_balancer(template: dict) -> None:
         https["Port"] == 443 and https["Protocol"] == "HTTPS" and https["Certificates"] == [{"CertificateArn": ref("ApiCertificateArn")}],
         "HTTPS listener on 443 with the ApiCertificateArn certificate",
     )
+    rules = [r["Properties"] for r in resources_of(template, "AWS::ElasticLoadBalancingV2::ListenerRule").values()]
+    metrics = [
+        rule
+        for rule in rules
+        if rule["ListenerArn"] == ref("HttpsListener")
+        and any(c.get("PathPatternConfig", {}).get("Values", [None])[0] == "/metrics" for c in rule["Conditions"])
+    ]
+    check(
+        len(metrics) == 1
+        and metrics[0]["Actions"][0]["Type"] == "fixed-response"
+        and metrics[0]["Priority"] == min(r["Priority"] for r in rules if r["ListenerArn"] == ref("HttpsListener")),
+        "HTTPS listener: /metrics is answered by the load balancer (fixed response, first rule), never forwarded",
+    )
     http = res["HttpRedirectListener"]["Properties"]
     actions = http["DefaultActions"]
     check(
