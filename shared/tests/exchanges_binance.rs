@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tradeeon_shared::domain::{Exchange, Permissions};
@@ -91,7 +91,8 @@ impl Harness {
     }
 
     async fn check(&self, credentials: &Credentials) -> CheckResult {
-        self.client.check(credentials).await
+        let started = Instant::now();
+        CheckResult::new(self.client.check(credentials).await, started.elapsed())
     }
 
     fn paths_requested(&self) -> Vec<String> {

@@ -1,7 +1,7 @@
 //! The Coinbase client (Advanced Trade and Exchange) against the simulator, over real HTTP.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -63,7 +63,8 @@ impl Harness {
     }
 
     async fn check(&self, credentials: &Credentials) -> CheckResult {
-        self.client.check(credentials).await
+        let started = Instant::now();
+        CheckResult::new(self.client.check(credentials).await, started.elapsed())
     }
 
     fn coinbase_requests(&self) -> usize {

@@ -1,7 +1,7 @@
 //! The Zerodha Kite Connect client against the simulator, over real HTTP.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -76,7 +76,18 @@ impl Harness {
     }
 
     async fn create_session(&self, request_token: &str) -> Result<KiteSession, CheckResult> {
-        self.client.create_session(&secret(SEEDED_API_KEY), &secret(SEEDED_API_SECRET), request_token).await
+        self.create_session_with(&secret(SEEDED_API_KEY), &secret(SEEDED_API_SECRET), request_token).await
+    }
+
+    async fn create_session_with(
+        &self,
+        api_key: &SecretValue,
+        api_secret: &SecretValue,
+        request_token: &str,
+    ) -> Result<KiteSession, CheckResult> {
+        let started = Instant::now();
+        let created = self.client.create_session(api_key, api_secret, request_token).await;
+        created.map_err(|failure| CheckResult::new(Err(failure), started.elapsed()))
     }
 
     async fn session(&self) -> KiteSession {
@@ -85,7 +96,8 @@ impl Harness {
     }
 
     async fn check(&self, credentials: &Credentials) -> CheckResult {
-        self.client.check(credentials).await
+        let started = Instant::now();
+        CheckResult::new(self.client.check(credentials).await, started.elapsed())
     }
 
     fn kite_requests(&self) -> usize {
@@ -188,8 +200,7 @@ async fn a_wrong_api_secret_fails_the_checksum() {
     let h = Harness::start().await;
     let token = h.log_in().await;
     let result = h
-        .client
-        .create_session(&secret(SEEDED_API_KEY), &secret("definitely-not-the-secret-000000"), &token)
+        .create_session_with(&secret(SEEDED_API_KEY), &secret("definitely-not-the-secret-000000"), &token)
         .await
         .unwrap_err();
     assert_code(&result, CheckCode::InvalidSignature);
@@ -203,7 +214,7 @@ async fn an_unknown_api_key_is_invalid_credentials() {
     let h = Harness::start().await;
     let token = h.log_in().await;
     let result =
-        h.client.create_session(&secret("unknownapikey000"), &secret(SEEDED_API_SECRET), &token).await.unwrap_err();
+        h.create_session_with(&secret("unknownapikey000"), &secret(SEEDED_API_SECRET), &token).await.unwrap_err();
     assert_code(&result, CheckCode::InvalidCredentials);
 }
 

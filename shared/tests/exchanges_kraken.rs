@@ -65,7 +65,8 @@ impl Harness {
     }
 
     async fn check(&self, credentials: &Credentials) -> CheckResult {
-        self.client.check(credentials).await
+        let started = Instant::now();
+        CheckResult::new(self.client.check(credentials).await, started.elapsed())
     }
 
     fn requests(&self) -> usize {
@@ -249,7 +250,7 @@ async fn twenty_concurrent_checks_with_one_key_all_pass() {
         })
         .collect();
     for task in tasks {
-        assert_code(&task.await.unwrap(), CheckCode::Ok);
+        assert_code(&CheckResult::new(task.await.unwrap(), Duration::ZERO), CheckCode::Ok);
     }
     assert_eq!(h.state().kraken.invalid_nonce_count(), 0);
     assert_eq!(h.requests(), 20);

@@ -13,7 +13,9 @@ use tradeeon_shared::exchanges::binance::BinanceClient;
 use tradeeon_shared::exchanges::coinbase::CoinbaseClient;
 use tradeeon_shared::exchanges::kite::KiteClient;
 use tradeeon_shared::exchanges::kraken::{KrakenClient, LocalNonces};
-use tradeeon_shared::exchanges::{CheckCode, ClientContext, Credentials, ExchangeClient, Unlimited, http_client};
+use tradeeon_shared::exchanges::{
+    CheckCode, CheckResult, ClientContext, Credentials, ExchangeClient, Unlimited, http_client,
+};
 use tradeeon_shared::vault::SecretValue;
 use tradeeon_simulator::coinbase::{
     SEEDED_ES256_KEY_NAME, SEEDED_EXCHANGE_KEY, SEEDED_EXCHANGE_PASSPHRASE, seeded_es256_pem, seeded_exchange_secret,
@@ -89,7 +91,7 @@ async fn no_client_follows_a_redirect() {
     ];
     for (name, client, creds) in cases {
         let before = asked.load(Ordering::SeqCst);
-        let result = client.check(&creds).await;
+        let result = CheckResult::new(client.check(&creds).await, Duration::ZERO);
         assert!(asked.load(Ordering::SeqCst) > before, "{name}: the client did not call the exchange");
         assert_eq!(result.code, CheckCode::BadResponse, "{name}: {result:?}");
         assert!(result.message.contains("redirect"), "{name}: {}", result.message);

@@ -13,7 +13,7 @@ use tradeeon_shared::exchanges::binance::BinanceClient;
 use tradeeon_shared::exchanges::coinbase::CoinbaseClient;
 use tradeeon_shared::exchanges::kite::{KiteClient, KiteSession};
 use tradeeon_shared::exchanges::kraken::{KrakenClient, LocalNonces, NonceLease, NonceSource};
-use tradeeon_shared::exchanges::{CheckResult, ClientContext, Credentials, ExchangeClient, RateGate, http_client};
+use tradeeon_shared::exchanges::{ClientContext, Credentials, ExchangeClient, Failure, RateGate, Verdict, http_client};
 use tradeeon_shared::store::{Backend, Store};
 use tradeeon_shared::vault::SecretValue;
 use url::Url;
@@ -89,7 +89,7 @@ impl ExchangeClients {
     }
 
     /// Proves `credentials` work on `exchange` and reports their permissions.
-    pub async fn check(&self, exchange: Exchange, credentials: &Credentials) -> CheckResult {
+    pub async fn check(&self, exchange: Exchange, credentials: &Credentials) -> Result<Verdict, Failure> {
         self.client(exchange).check(credentials).await
     }
 
@@ -99,7 +99,7 @@ impl ExchangeClients {
         api_key: &SecretValue,
         api_secret: &SecretValue,
         request_token: &str,
-    ) -> Result<KiteSession, CheckResult> {
+    ) -> Result<KiteSession, Failure> {
         self.kite.create_session(api_key, api_secret, request_token).await
     }
 

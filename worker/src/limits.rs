@@ -22,7 +22,7 @@
 //! [`RateGate::acquire`] waits out a pause no longer than `max_pause_wait` (default
 //! [`DEFAULT_MAX_PAUSE_WAIT`]) and a budget wait no longer than `max_budget_wait` (default
 //! [`DEFAULT_MAX_BUDGET_WAIT`]); longer ones return `Err(wait)` without sending anything, so the
-//! check reports `rate_limited` marked unsent with that wait, and the job is deferred to then
+//! check fails as `Failure::Unsent` with that wait, and the job is deferred to then
 //! without spending an attempt (`jobs::defer`) instead of holding a worker. Nothing is ever sent into a pause, so a Binance 429 never escalates to a 418.
 //!
 //! `EXCHANGE_RATE_LIMITS=off` removes our budgets (benchmarks); pauses the exchanges ask for are

@@ -25,7 +25,8 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio::net::TcpListener;
 use tradeeon_shared::config::Config;
-use tradeeon_shared::exchanges::CheckResult;
+use tradeeon_shared::domain::Permissions;
+use tradeeon_shared::exchanges::{CheckResult, Verdict};
 use tradeeon_shared::jobs::{JobId, JobOutcome};
 use tradeeon_shared::store::Store;
 use tradeeon_shared::vault::Keyring;
@@ -331,7 +332,8 @@ impl TestApp {
     pub async fn finish_job(&self, job_id: &str) {
         let id: JobId = job_id.parse().expect("job id");
         self.store.claim_job(id).await.expect("claim").expect("claimable");
-        let result = CheckResult::success(Duration::from_millis(12), None, vec![]);
+        let passed = Ok(Verdict { permissions: Permissions::default(), warnings: vec![] });
+        let result = CheckResult { permissions: None, ..CheckResult::new(passed, Duration::from_millis(12)) };
         assert!(self.store.finish_job(id, &JobOutcome::Done(result), None).await.expect("finish"));
     }
 

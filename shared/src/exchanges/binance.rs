@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
@@ -33,8 +33,8 @@ use sha2::Sha256;
 use url::Url;
 
 use super::{
-    CheckCode, CheckResult, ClientContext, Credentials, ExchangeClient, LimitFeedback, LimitKey, permission_warnings,
-    retry_after_header, transport_failure, warnings,
+    CheckCode, ClientContext, Credentials, ExchangeClient, Failure, LimitFeedback, LimitKey, Verdict,
+    permission_warnings, retry_after_header, transport_failure, warnings,
 };
 use crate::domain::{Exchange, Permissions};
 
@@ -108,8 +108,8 @@ struct Sent {
     received_ms: i64,
 }
 
-/// `Err` is the final result of the check.
-type Step<T> = Result<T, CheckResult>;
+/// `Err` ends the check.
+type Step<T> = Result<T, Failure>;
 
 /// The response of `GET /sapi/v1/account/apiRestrictions` (the fields we use).
 #[derive(Deserialize)]
@@ -211,15 +211,16 @@ impl BinanceClient {
         api_key: Option<&HeaderValue>,
         bucket: Bucket,
         weight: u32,
-        started: Instant,
     ) -> Step<Sent> {
         let limit_key = bucket.limit_key();
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, weight).await {
-            return Err(CheckResult::unsent(
-                "Requests to Binance from our IP address are paused (rate limit); nothing was sent, the check will be retried later.",
+            return Err(Failure::Unsent {
+                message:
+                    "Requests to Binance from our IP address are paused (rate limit); nothing was sent, the check \
+                          will be retried later."
+                        .to_string(),
                 wait,
-                started.elapsed(),
-            ));
+            });
         }
 
         let mut url = self.endpoint(path);
@@ -229,7 +230,7 @@ impl BinanceClient {
             request = request.header(API_KEY_HEADER, key.clone());
         }
         let sent_ms = Self::now_ms();
-        let response = request.send().await.map_err(|err| transport_failure(&err, started.elapsed()))?;
+        let response = request.send().await.map_err(|err| transport_failure(&err))?;
         let received_ms = Self::now_ms();
         let status = response.status();
         self.report_weights(response.headers());
@@ -238,40 +239,35 @@ impl BinanceClient {
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after_header(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
             self.ctx.gate.report(&limit_key, LimitFeedback::RetryAfter(wait));
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::RateLimited,
                 "Binance is rate-limiting our IP address; the check will be retried later.",
-                started.elapsed(),
             )
             .with_retry_after(wait));
         }
         if status.as_u16() == 418 {
             let wait = retry_after_header(response.headers()).unwrap_or(DEFAULT_BAN);
             self.ctx.gate.report(&limit_key, LimitFeedback::Banned(wait));
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::RateLimited,
-                "Binance has temporarily banned our IP address for exceeding its rate limits; nothing will be sent until the ban ends.",
-                started.elapsed(),
-            )
+                "Binance has temporarily banned our IP address for exceeding its rate limits; nothing will be sent until the ban ends.")
             .with_retry_after(wait));
         }
         if status.is_server_error() {
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::ExchangeUnavailable,
                 format!("Binance answered HTTP {}; it may be in maintenance.", status.as_u16()),
-                started.elapsed(),
             ));
         }
         if status == StatusCode::NOT_FOUND {
             return Ok(Sent { reply: Reply::NotFound, sent_ms, received_ms });
         }
 
-        let body = response.bytes().await.map_err(|err| transport_failure(&err, started.elapsed()))?;
+        let body = response.bytes().await.map_err(|err| transport_failure(&err))?;
         let bad_response = || {
-            CheckResult::failure(
+            Failure::new(
                 CheckCode::BadResponse,
                 format!("Binance answered HTTP {} with a body we could not read.", status.as_u16()),
-                started.elapsed(),
             )
         };
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| bad_response())?;
@@ -286,36 +282,29 @@ impl BinanceClient {
             return Ok(Sent { reply: Reply::Json(value), sent_ms, received_ms });
         }
         if status == StatusCode::FORBIDDEN {
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::ExchangeUnavailable,
                 "Binance's web application firewall rejected the request (HTTP 403).",
-                started.elapsed(),
             ));
         }
         Err(bad_response())
     }
 
     /// Reads Binance's clock and keeps the offset for later requests.
-    async fn resync_clock(&self, started: Instant) -> Step<()> {
-        let sent = self.send(TIME_PATH, None, None, Bucket::Api, TIME_WEIGHT, started).await?;
+    async fn resync_clock(&self) -> Step<()> {
+        let sent = self.send(TIME_PATH, None, None, Bucket::Api, TIME_WEIGHT).await?;
         let value = match sent.reply {
             Reply::Json(value) => value,
-            Reply::Error { code, msg } => return Err(map_error(code, &msg, started)),
+            Reply::Error { code, msg } => return Err(map_error(code, &msg)),
             Reply::NotFound => {
-                return Err(CheckResult::failure(
+                return Err(Failure::new(
                     CheckCode::BadResponse,
                     "Binance has no server-time endpoint at this address.",
-                    started.elapsed(),
                 ));
             }
         };
-        let time: ServerTime = serde_json::from_value(value).map_err(|_| {
-            CheckResult::failure(
-                CheckCode::BadResponse,
-                "Binance sent a server time we could not read.",
-                started.elapsed(),
-            )
-        })?;
+        let time: ServerTime = serde_json::from_value(value)
+            .map_err(|_| Failure::new(CheckCode::BadResponse, "Binance sent a server time we could not read."))?;
         let midpoint = sent.sent_ms + (sent.received_ms - sent.sent_ms) / 2;
         let offset = time.server_time - midpoint;
         self.time_offset_ms.store(offset, Ordering::Relaxed);
@@ -331,23 +320,21 @@ impl BinanceClient {
         path: &str,
         bucket: Bucket,
         weight: u32,
-        started: Instant,
     ) -> Step<Reply> {
         let mut resynced = false;
         loop {
             let secret = Some(credentials.api_secret.expose());
-            let sent = self.send(path, secret, Some(api_key), bucket, weight, started).await?;
+            let sent = self.send(path, secret, Some(api_key), bucket, weight).await?;
             match sent.reply {
                 Reply::Error { code: -1021, .. } if !resynced => {
-                    self.resync_clock(started).await?;
+                    self.resync_clock().await?;
                     resynced = true;
                 }
                 Reply::Error { code: -1021, .. } => {
-                    return Err(CheckResult::failure(
+                    return Err(Failure::new(
                         CheckCode::ClockSkew,
                         "Our clock and Binance's disagree by more than the 5-second receive window, even after \
                          resynchronising with Binance's server time.",
-                        started.elapsed(),
                     ));
                 }
                 reply => return Ok(reply),
@@ -355,27 +342,19 @@ impl BinanceClient {
         }
     }
 
-    async fn run_check(&self, credentials: &Credentials, started: Instant) -> Step<CheckResult> {
+    async fn run_check(&self, credentials: &Credentials) -> Step<Verdict> {
         let mut api_key = HeaderValue::from_str(credentials.api_key.expose()).map_err(|_| {
-            CheckResult::failure(
-                CheckCode::InvalidCredentials,
-                "The API key contains characters Binance keys never have.",
-                started.elapsed(),
-            )
+            Failure::new(CheckCode::InvalidCredentials, "The API key contains characters Binance keys never have.")
         })?;
         api_key.set_sensitive(true);
 
         let reply = self
-            .signed_get(credentials, &api_key, API_RESTRICTIONS_PATH, Bucket::Sapi, API_RESTRICTIONS_WEIGHT, started)
+            .signed_get(credentials, &api_key, API_RESTRICTIONS_PATH, Bucket::Sapi, API_RESTRICTIONS_WEIGHT)
             .await?;
         match reply {
             Reply::Json(value) => {
                 let r: ApiRestrictions = serde_json::from_value(value).map_err(|_| {
-                    CheckResult::failure(
-                        CheckCode::BadResponse,
-                        "Binance sent API key permissions we could not read.",
-                        started.elapsed(),
-                    )
+                    Failure::new(CheckCode::BadResponse, "Binance sent API key permissions we could not read.")
                 })?;
                 let permissions = Permissions {
                     read: r.enable_reading,
@@ -383,31 +362,22 @@ impl BinanceClient {
                     withdraw: r.enable_withdrawals,
                     ip_restricted: r.ip_restrict,
                 };
-                Ok(verdict(permissions, permission_warnings(&permissions), started))
+                verdict(permissions, permission_warnings(&permissions))
             }
-            Reply::NotFound => self.check_without_sapi(credentials, &api_key, started).await,
-            Reply::Error { code, msg } => Err(map_error(code, &msg, started)),
+            Reply::NotFound => self.check_without_sapi(credentials, &api_key).await,
+            Reply::Error { code, msg } => Err(map_error(code, &msg)),
         }
     }
 
     /// The testnet has no `/sapi`: authenticate with the account endpoint instead. Its
     /// `canTrade`/`canWithdraw` are account-level flags, and it says nothing about IP
     /// restrictions, hence `permissions_unknown`.
-    async fn check_without_sapi(
-        &self,
-        credentials: &Credentials,
-        api_key: &HeaderValue,
-        started: Instant,
-    ) -> Step<CheckResult> {
-        let reply = self.signed_get(credentials, api_key, ACCOUNT_PATH, Bucket::Api, ACCOUNT_WEIGHT, started).await?;
+    async fn check_without_sapi(&self, credentials: &Credentials, api_key: &HeaderValue) -> Step<Verdict> {
+        let reply = self.signed_get(credentials, api_key, ACCOUNT_PATH, Bucket::Api, ACCOUNT_WEIGHT).await?;
         match reply {
             Reply::Json(value) => {
                 let account: Account = serde_json::from_value(value).map_err(|_| {
-                    CheckResult::failure(
-                        CheckCode::BadResponse,
-                        "Binance sent account data we could not read.",
-                        started.elapsed(),
-                    )
+                    Failure::new(CheckCode::BadResponse, "Binance sent account data we could not read.")
                 })?;
                 let permissions = Permissions {
                     read: true,
@@ -420,34 +390,30 @@ impl BinanceClient {
                     warns.push(warnings::WITHDRAWALS_ENABLED.to_string());
                 }
                 warns.push(warnings::PERMISSIONS_UNKNOWN.to_string());
-                Ok(verdict(permissions, warns, started))
+                verdict(permissions, warns)
             }
-            Reply::NotFound => Err(CheckResult::failure(
+            Reply::NotFound => Err(Failure::new(
                 CheckCode::BadResponse,
                 "Binance has neither the API-key permission endpoint nor the account endpoint at this address.",
-                started.elapsed(),
             )),
-            Reply::Error { code, msg } => Err(map_error(code, &msg, started)),
+            Reply::Error { code, msg } => Err(map_error(code, &msg)),
         }
     }
 }
 
 /// `ok`, unless the key cannot read (the least Tradeeon needs).
-fn verdict(permissions: Permissions, warnings: Vec<String>, started: Instant) -> CheckResult {
+fn verdict(permissions: Permissions, warnings: Vec<String>) -> Step<Verdict> {
     if !permissions.read {
-        let mut result = CheckResult::failure(
-            CheckCode::PermissionDenied,
+        return Err(Failure::lacking(
             "The API key works but does not have \"Enable Reading\", which Tradeeon needs.",
-            started.elapsed(),
-        );
-        result.permissions = Some(permissions);
-        return result;
+            Verdict { permissions, warnings: Vec::new() },
+        ));
     }
-    CheckResult::success(started.elapsed(), Some(permissions), warnings)
+    Ok(Verdict { permissions, warnings })
 }
 
-/// Binance's `{code,msg}` errors (errors.md) as check results.
-fn map_error(code: i64, msg: &str, started: Instant) -> CheckResult {
+/// Binance's `{code,msg}` errors (errors.md) as failures.
+fn map_error(code: i64, msg: &str) -> Failure {
     let (check, message) = match code {
         -2014 => (CheckCode::InvalidCredentials, "Binance says the API key format is invalid.".to_string()),
         -2015 => (
@@ -471,7 +437,7 @@ fn map_error(code: i64, msg: &str, started: Instant) -> CheckResult {
         }
         _ => (CheckCode::BadResponse, format!("Binance answered with an unexpected error {code}: {msg}")),
     };
-    CheckResult::failure(check, message, started.elapsed())
+    Failure::new(check, message)
 }
 
 impl ExchangeClient for BinanceClient {
@@ -479,17 +445,12 @@ impl ExchangeClient for BinanceClient {
         Exchange::Binance
     }
 
-    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, CheckResult> {
+    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Verdict, Failure>> {
         Box::pin(async move {
-            let started = Instant::now();
-            let result = self.run_check(credentials, started).await.unwrap_or_else(|failure| failure);
-            tracing::debug!(
-                exchange = "binance",
-                code = result.code.as_str(),
-                latency_ms = result.latency_ms,
-                "binance credential check finished"
-            );
-            result
+            let outcome = self.run_check(credentials).await;
+            let code = outcome.as_ref().map_or_else(Failure::code, |_| CheckCode::Ok);
+            tracing::debug!(exchange = "binance", code = code.as_str(), "binance credential check finished");
+            outcome
         })
     }
 }
@@ -509,15 +470,14 @@ mod tests {
 
     #[test]
     fn error_codes_map_to_check_codes() {
-        let t = Instant::now();
-        assert_eq!(map_error(-2014, "", t).code, CheckCode::InvalidCredentials);
-        let ip = map_error(-2015, "Invalid API-key, IP, or permissions for action.", t);
-        assert_eq!(ip.code, CheckCode::InvalidCredentials);
-        assert!(ip.message.contains("IP whitelist"), "{}", ip.message);
-        assert_eq!(map_error(-1022, "", t).code, CheckCode::InvalidSignature);
-        assert_eq!(map_error(-1021, "", t).code, CheckCode::ClockSkew);
-        assert_eq!(map_error(-1008, "", t).code, CheckCode::ExchangeUnavailable);
-        assert_eq!(map_error(-1121, "Invalid symbol.", t).code, CheckCode::BadResponse);
+        assert_eq!(map_error(-2014, "").code(), CheckCode::InvalidCredentials);
+        let ip = map_error(-2015, "Invalid API-key, IP, or permissions for action.");
+        assert_eq!(ip.code(), CheckCode::InvalidCredentials);
+        assert!(ip.message().contains("IP whitelist"), "{}", ip.message());
+        assert_eq!(map_error(-1022, "").code(), CheckCode::InvalidSignature);
+        assert_eq!(map_error(-1021, "").code(), CheckCode::ClockSkew);
+        assert_eq!(map_error(-1008, "").code(), CheckCode::ExchangeUnavailable);
+        assert_eq!(map_error(-1121, "Invalid symbol.").code(), CheckCode::BadResponse);
     }
 
     #[test]

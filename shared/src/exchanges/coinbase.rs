@@ -53,7 +53,7 @@
 //! the length of the window both limits are expressed in).
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -64,7 +64,7 @@ use sha2::Sha256;
 use url::Url;
 
 use super::{
-    CheckCode, CheckResult, ClientContext, Credentials, ExchangeClient, LimitFeedback, LimitKey, key_fingerprint,
+    CheckCode, ClientContext, Credentials, ExchangeClient, Failure, LimitFeedback, LimitKey, Verdict, key_fingerprint,
     retry_after_header, transport_failure, warnings,
 };
 use crate::domain::{Exchange, Permissions};
@@ -328,79 +328,73 @@ impl CoinbaseClient {
         }
     }
 
-    async fn check_advanced_trade(&self, credentials: &Credentials) -> CheckResult {
-        let started = Instant::now();
+    async fn check_advanced_trade(&self, credentials: &Credentials) -> Result<Verdict, Failure> {
         let key_name = credentials.api_key.expose().trim();
         if key_name.is_empty() {
-            return CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::InvalidCredentials,
                 "The API key name is empty: paste the key name (organizations/…/apiKeys/…) from the Coinbase \
                  Developer Platform.",
-                started.elapsed(),
-            );
+            ));
         }
-        let key = match CdpKey::parse(credentials.api_secret.expose()) {
-            Ok(key) => key,
-            Err(err) => return CheckResult::failure(CheckCode::InvalidCredentials, err.message(), started.elapsed()),
-        };
+        let key = CdpKey::parse(credentials.api_secret.expose())
+            .map_err(|err| Failure::new(CheckCode::InvalidCredentials, err.message()))?;
         let limit_key = Self::limit_key(credentials);
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return paused(wait, started);
+            return Err(paused(wait));
         }
         let url = endpoint(&self.advanced_trade_base, KEY_PERMISSIONS_PATH);
         let jwt = build_cdp_jwt(key_name, &key, &jwt_uri("GET", &url), chrono::Utc::now().timestamp());
-        let response = match self.ctx.http.get(url).bearer_auth(jwt).header("accept", "application/json").send().await {
-            Ok(response) => response,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let response = self
+            .ctx
+            .http
+            .get(url)
+            .bearer_auth(jwt)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .map_err(|err| transport_failure(&err))?;
         let status = response.status();
         if status.as_u16() == 429 {
-            return self.rate_limited(&limit_key, &response, started);
+            return Err(self.rate_limited(&limit_key, &response));
         }
         if status.is_server_error() {
-            return unavailable(status, started);
+            return Err(unavailable(status));
         }
         if status.as_u16() == 401 {
             if let Some(skew) = date_skew(&response)
                 && skew > CDP_CLOCK_SKEW_TOLERANCE
             {
-                return CheckResult::failure(
+                return Err(Failure::new(
                     CheckCode::ClockSkew,
                     format!(
                         "Coinbase rejected the request and its clock differs from ours by about {} s; the signed \
                          token is only valid for 2 minutes. Check the worker's clock (NTP).",
                         skew.as_secs()
                     ),
-                    started.elapsed(),
-                );
+                ));
             }
-            return CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::InvalidCredentials,
                 "Coinbase rejected the API key: the key name is unknown or was deleted, or the private key does not \
                  belong to it. Check both were copied from the same key in the Coinbase Developer Platform.",
-                started.elapsed(),
-            );
+            ));
         }
         if status.as_u16() == 403 {
-            return CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::PermissionDenied,
                 "Coinbase refused this API key access to its permissions (403). Give the key the View permission.",
-                started.elapsed(),
-            );
+            ));
         }
         if !status.is_success() {
-            return unexpected_status(status, started);
+            return Err(unexpected_status(status));
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let body = response.bytes().await.map_err(|err| transport_failure(&err))?;
         let Ok(found) = serde_json::from_slice::<KeyPermissions>(&body) else {
-            return CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::BadResponse,
                 "Coinbase answered the permissions request with something we could not read.",
-                started.elapsed(),
-            );
+            ));
         };
         // `key_permissions` does not report IP allowlists: `false` here means "not verified".
         let permissions = Permissions {
@@ -414,24 +408,19 @@ impl CoinbaseClient {
             warnings.push(warnings::WITHDRAWALS_ENABLED.to_string());
         }
         if !found.can_view {
-            let mut result = CheckResult::failure(
-                CheckCode::PermissionDenied,
+            return Err(Failure::lacking(
                 "The key authenticates but lacks the View permission Tradeeon needs. Edit the key in the Coinbase \
                  Developer Platform and enable View.",
-                started.elapsed(),
-            );
-            result.permissions = Some(permissions);
-            result.warnings = warnings;
-            return result;
+                Verdict { permissions, warnings },
+            ));
         }
-        CheckResult::success(started.elapsed(), Some(permissions), warnings)
+        Ok(Verdict { permissions, warnings })
     }
 
-    async fn check_exchange(&self, credentials: &Credentials, passphrase: &str) -> CheckResult {
-        let started = Instant::now();
+    async fn check_exchange(&self, credentials: &Credentials, passphrase: &str) -> Result<Verdict, Failure> {
         let api_key = credentials.api_key.expose().trim();
         if api_key.is_empty() {
-            return CheckResult::failure(CheckCode::InvalidCredentials, "The API key is empty.", started.elapsed());
+            return Err(Failure::new(CheckCode::InvalidCredentials, "The API key is empty."));
         }
         let url = endpoint(&self.exchange_base, ACCOUNTS_PATH);
         let sign_now = || {
@@ -440,25 +429,24 @@ impl CoinbaseClient {
                 .map(|signature| (timestamp, signature))
         };
         let invalid_secret = || {
-            CheckResult::failure(
+            Failure::new(
                 CheckCode::InvalidCredentials,
                 "The API secret is not valid base64. Paste it exactly as Coinbase Exchange showed it when the key was \
                  created.",
-                started.elapsed(),
             )
         };
         // A secret that cannot sign fails here, before it spends any of the rate budget.
         if sign_now().is_none() {
-            return invalid_secret();
+            return Err(invalid_secret());
         }
         let limit_key = Self::limit_key(credentials);
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return paused(wait, started);
+            return Err(paused(wait));
         }
         // Signed once the gate has let the request through: it may have held it for seconds, and
         // Coinbase refuses a timestamp more than 30 s old.
         let Some((timestamp, signature)) = sign_now() else {
-            return invalid_secret();
+            return Err(invalid_secret());
         };
         let request = self
             .ctx
@@ -469,37 +457,26 @@ impl CoinbaseClient {
             .header("CB-ACCESS-TIMESTAMP", &timestamp)
             .header("CB-ACCESS-PASSPHRASE", passphrase)
             .header("accept", "application/json");
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let response = request.send().await.map_err(|err| transport_failure(&err))?;
         let status = response.status();
         if status.as_u16() == 429 {
-            return self.rate_limited(&limit_key, &response, started);
+            return Err(self.rate_limited(&limit_key, &response));
         }
         if status.is_server_error() {
-            return unavailable(status, started);
+            return Err(unavailable(status));
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let body = response.bytes().await.map_err(|err| transport_failure(&err))?;
         if status.is_success() {
             if !matches!(serde_json::from_slice::<serde_json::Value>(&body), Ok(serde_json::Value::Array(_))) {
-                return CheckResult::failure(
+                return Err(Failure::new(
                     CheckCode::BadResponse,
                     "Coinbase Exchange answered the accounts request with something we could not read.",
-                    started.elapsed(),
-                );
+                ));
             }
             // Listing accounts proves View; Coinbase Exchange has no endpoint reporting trade,
             // transfer or IP allowlist settings of a key, so those are unverified (`false`).
             let permissions = Permissions { read: true, trade: false, withdraw: false, ip_restricted: false };
-            return CheckResult::success(
-                started.elapsed(),
-                Some(permissions),
-                vec![warnings::PERMISSIONS_UNKNOWN.to_string()],
-            );
+            return Ok(Verdict { permissions, warnings: vec![warnings::PERMISSIONS_UNKNOWN.to_string()] });
         }
         let message = serde_json::from_slice::<ExchangeError>(&body).map(|e| e.message.to_ascii_lowercase()).ok();
         let message = message.as_deref().unwrap_or("");
@@ -530,20 +507,15 @@ impl CoinbaseClient {
                 "Coinbase Exchange refused this key access to accounts (403): give the key the View permission.",
             )
         } else {
-            return unexpected_status(status, started);
+            return Err(unexpected_status(status));
         };
-        CheckResult::failure(code, text, started.elapsed())
+        Err(Failure::new(code, text))
     }
 
-    fn rate_limited(&self, limit_key: &LimitKey, response: &reqwest::Response, started: Instant) -> CheckResult {
+    fn rate_limited(&self, limit_key: &LimitKey, response: &reqwest::Response) -> Failure {
         let wait = retry_after_header(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.ctx.gate.report(limit_key, LimitFeedback::RetryAfter(wait));
-        CheckResult::failure(
-            CheckCode::RateLimited,
-            "Coinbase is rate-limiting this key; retry later.",
-            started.elapsed(),
-        )
-        .with_retry_after(wait)
+        Failure::new(CheckCode::RateLimited, "Coinbase is rate-limiting this key; retry later.").with_retry_after(wait)
     }
 }
 
@@ -552,7 +524,7 @@ impl ExchangeClient for CoinbaseClient {
         Exchange::Coinbase
     }
 
-    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, CheckResult> {
+    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Verdict, Failure>> {
         Box::pin(async move {
             match exchange_passphrase(credentials) {
                 Some(passphrase) => self.check_exchange(credentials, passphrase).await,
@@ -580,28 +552,17 @@ fn endpoint(base: &Url, path: &str) -> Url {
     url
 }
 
-fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::unsent(
-        "Requests to Coinbase with this key are paused after a rate limit; nothing was sent.",
-        wait,
-        started.elapsed(),
-    )
+fn paused(wait: Duration) -> Failure {
+    let message = "Requests to Coinbase with this key are paused after a rate limit; nothing was sent.";
+    Failure::Unsent { message: message.to_string(), wait }
 }
 
-fn unavailable(status: reqwest::StatusCode, started: Instant) -> CheckResult {
-    CheckResult::failure(
-        CheckCode::ExchangeUnavailable,
-        format!("Coinbase is unavailable (HTTP {}).", status.as_u16()),
-        started.elapsed(),
-    )
+fn unavailable(status: reqwest::StatusCode) -> Failure {
+    Failure::new(CheckCode::ExchangeUnavailable, format!("Coinbase is unavailable (HTTP {}).", status.as_u16()))
 }
 
-fn unexpected_status(status: reqwest::StatusCode, started: Instant) -> CheckResult {
-    CheckResult::failure(
-        CheckCode::BadResponse,
-        format!("Coinbase answered with an unexpected HTTP {}.", status.as_u16()),
-        started.elapsed(),
-    )
+fn unexpected_status(status: reqwest::StatusCode) -> Failure {
+    Failure::new(CheckCode::BadResponse, format!("Coinbase answered with an unexpected HTTP {}.", status.as_u16()))
 }
 
 /// How far the response's `Date` header is from our clock.

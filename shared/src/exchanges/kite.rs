@@ -40,7 +40,7 @@
 //! `Retry-After`, or 1 s (the window the limit is expressed in) when there is none.
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Days, FixedOffset, NaiveTime, TimeZone as _, Utc};
 use futures::future::BoxFuture;
@@ -49,7 +49,7 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::{
-    CheckCode, CheckResult, ClientContext, Credentials, ExchangeClient, LimitFeedback, LimitKey, key_fingerprint,
+    CheckCode, ClientContext, Credentials, ExchangeClient, Failure, LimitFeedback, LimitKey, Verdict, key_fingerprint,
     retry_after_header, transport_failure,
 };
 use crate::domain::{Exchange, Permissions};
@@ -189,28 +189,22 @@ impl KiteClient {
         api_key: &SecretValue,
         api_secret: &SecretValue,
         request_token: &str,
-    ) -> Result<KiteSession, CheckResult> {
-        let started = Instant::now();
+    ) -> Result<KiteSession, Failure> {
         let api_key = api_key.expose().trim();
         let request_token = request_token.trim();
         if api_key.is_empty() {
-            return Err(CheckResult::failure(
-                CheckCode::InvalidCredentials,
-                "The Kite API key is empty.",
-                started.elapsed(),
-            ));
+            return Err(Failure::new(CheckCode::InvalidCredentials, "The Kite API key is empty."));
         }
         if request_token.is_empty() {
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::SessionExpired,
                 "The Kite login did not return a request token; log in with Kite again.",
-                started.elapsed(),
             ));
         }
         let checksum = zeroize::Zeroizing::new(checksum(api_key, request_token, api_secret.expose().trim()));
         let limit_key = Self::limit_key(api_key);
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return Err(paused(wait, started));
+            return Err(paused(wait));
         }
         let form = [("api_key", api_key), ("request_token", request_token), ("checksum", checksum.as_str())];
         let request = self
@@ -219,20 +213,14 @@ impl KiteClient {
             .post(endpoint(&self.api_base, SESSION_TOKEN_PATH))
             .header("X-Kite-Version", KITE_VERSION)
             .form(&form);
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return Err(transport_failure(&err, started.elapsed())),
-        };
+        let response = request.send().await.map_err(|err| transport_failure(&err))?;
         let status = response.status();
         if status.as_u16() == 429 {
-            return Err(self.rate_limited(&limit_key, &response, started));
+            return Err(self.rate_limited(&limit_key, &response));
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => return Err(transport_failure(&err, started.elapsed())),
-        };
+        let body = response.bytes().await.map_err(|err| transport_failure(&err))?;
         if !status.is_success() {
-            return Err(error_result(Call::CreateSession, status, &body, started));
+            return Err(failure_for(Call::CreateSession, status, &body));
         }
         match serde_json::from_slice::<Envelope<SessionData>>(&body) {
             Ok(Envelope { status, data: Some(data) }) if status == "success" && !data.access_token.is_empty() => {
@@ -242,27 +230,24 @@ impl KiteClient {
                     expires_at: session_expiry(Utc::now()),
                 })
             }
-            _ => Err(CheckResult::failure(
+            _ => Err(Failure::new(
                 CheckCode::BadResponse,
                 "Kite answered the session request with something we could not read.",
-                started.elapsed(),
             )),
         }
     }
 
-    async fn check_profile(&self, credentials: &Credentials) -> CheckResult {
-        let started = Instant::now();
+    async fn check_profile(&self, credentials: &Credentials) -> Result<Verdict, Failure> {
         let api_key = credentials.api_key.expose().trim();
         let Some(access_token) = credentials.access_token.as_ref().filter(|t| !t.expose().trim().is_empty()) else {
-            return CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::SessionExpired,
                 "There is no Kite session for this connection: log in with Kite to connect it.",
-                started.elapsed(),
-            );
+            ));
         };
         let limit_key = Self::limit_key(api_key);
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return paused(wait, started);
+            return Err(paused(wait));
         }
         let authorization = zeroize::Zeroizing::new(format!("token {api_key}:{}", access_token.expose().trim()));
         let request = self
@@ -271,20 +256,14 @@ impl KiteClient {
             .get(endpoint(&self.api_base, PROFILE_PATH))
             .header("X-Kite-Version", KITE_VERSION)
             .header("Authorization", authorization.as_str());
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let response = request.send().await.map_err(|err| transport_failure(&err))?;
         let status = response.status();
         if status.as_u16() == 429 {
-            return self.rate_limited(&limit_key, &response, started);
+            return Err(self.rate_limited(&limit_key, &response));
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(err) => return transport_failure(&err, started.elapsed()),
-        };
+        let body = response.bytes().await.map_err(|err| transport_failure(&err))?;
         if !status.is_success() {
-            return error_result(Call::Check, status, &body, started);
+            return Err(failure_for(Call::Check, status, &body));
         }
         match serde_json::from_slice::<Envelope<Profile>>(&body) {
             Ok(Envelope { status, data: Some(profile) }) if status == "success" => {
@@ -297,25 +276,19 @@ impl KiteClient {
                     ip_restricted: true,
                 };
                 let warnings = super::permission_warnings(&permissions);
-                CheckResult::success(started.elapsed(), Some(permissions), warnings)
+                Ok(Verdict { permissions, warnings })
             }
-            _ => CheckResult::failure(
+            _ => Err(Failure::new(
                 CheckCode::BadResponse,
                 "Kite answered the profile request with something we could not read.",
-                started.elapsed(),
-            ),
+            )),
         }
     }
 
-    fn rate_limited(&self, limit_key: &LimitKey, response: &reqwest::Response, started: Instant) -> CheckResult {
+    fn rate_limited(&self, limit_key: &LimitKey, response: &reqwest::Response) -> Failure {
         let wait = retry_after_header(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
         self.ctx.gate.report(limit_key, LimitFeedback::RetryAfter(wait));
-        CheckResult::failure(
-            CheckCode::RateLimited,
-            "Kite is rate-limiting this API key; retry later.",
-            started.elapsed(),
-        )
-        .with_retry_after(wait)
+        Failure::new(CheckCode::RateLimited, "Kite is rate-limiting this API key; retry later.").with_retry_after(wait)
     }
 }
 
@@ -324,13 +297,13 @@ impl ExchangeClient for KiteClient {
         Exchange::Zerodha
     }
 
-    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, CheckResult> {
+    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Verdict, Failure>> {
         Box::pin(self.check_profile(credentials))
     }
 }
 
 /// Maps a non-2xx Kite answer. Kite's own message is not copied into ours.
-fn error_result(call: Call, status: reqwest::StatusCode, body: &[u8], started: Instant) -> CheckResult {
+fn failure_for(call: Call, status: reqwest::StatusCode, body: &[u8]) -> Failure {
     let error = serde_json::from_slice::<KiteError>(body).ok();
     let error_type = error.as_ref().map(|e| e.error_type.as_str()).unwrap_or("");
     let message = error.as_ref().map(|e| e.message.to_ascii_lowercase()).unwrap_or_default();
@@ -366,14 +339,13 @@ fn error_result(call: Call, status: reqwest::StatusCode, body: &[u8], started: I
             (CheckCode::SessionExpired, "The Kite session has expired or was logged out; log in with Kite again.")
         }
         _ => {
-            return CheckResult::failure(
+            return Failure::new(
                 CheckCode::BadResponse,
                 format!("Kite answered with an unexpected HTTP {}.", status.as_u16()),
-                started.elapsed(),
             );
         }
     };
-    CheckResult::failure(code, text, started.elapsed())
+    Failure::new(code, text)
 }
 
 fn endpoint(base: &Url, path: &str) -> Url {
@@ -384,12 +356,9 @@ fn endpoint(base: &Url, path: &str) -> Url {
     url
 }
 
-fn paused(wait: Duration, started: Instant) -> CheckResult {
-    CheckResult::unsent(
-        "Requests to Kite with this API key are paused after a rate limit; nothing was sent.",
-        wait,
-        started.elapsed(),
-    )
+fn paused(wait: Duration) -> Failure {
+    let message = "Requests to Kite with this API key are paused after a rate limit; nothing was sent.";
+    Failure::Unsent { message: message.to_string(), wait }
 }
 
 #[cfg(test)]

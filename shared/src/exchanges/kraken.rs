@@ -22,7 +22,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -36,7 +36,7 @@ use url::Url;
 use zeroize::Zeroizing;
 
 use super::{
-    CheckCode, CheckResult, ClientContext, Credentials, ExchangeClient, LimitFeedback, LimitKey, key_fingerprint,
+    CheckCode, ClientContext, Credentials, ExchangeClient, Failure, LimitFeedback, LimitKey, Verdict, key_fingerprint,
     permission_warnings, retry_after_header, transport_failure,
 };
 use crate::domain::{Exchange, Permissions};
@@ -195,7 +195,7 @@ struct Envelope {
     result: Option<serde_json::Value>,
 }
 
-type Step<T> = Result<T, CheckResult>;
+type Step<T> = Result<T, Failure>;
 
 /// The Kraken spot client.
 pub struct KrakenClient {
@@ -234,20 +234,14 @@ impl KrakenClient {
         url
     }
 
-    async fn run_check(&self, credentials: &Credentials, started: Instant) -> Step<CheckResult> {
+    async fn run_check(&self, credentials: &Credentials) -> Step<Verdict> {
         let secret = Zeroizing::new(BASE64.decode(credentials.api_secret.expose().trim()).map_err(|_| {
-            CheckResult::failure(
+            Failure::new(
                 CheckCode::InvalidSignature,
-                "The private key is not valid base64; Kraken private keys are base64 text. Check that it was copied whole.",
-                started.elapsed(),
-            )
+                "The private key is not valid base64; Kraken private keys are base64 text. Check that it was copied whole.")
         })?);
         let mut api_key = HeaderValue::from_str(credentials.api_key.expose()).map_err(|_| {
-            CheckResult::failure(
-                CheckCode::InvalidCredentials,
-                "The API key contains characters Kraken keys never have.",
-                started.elapsed(),
-            )
+            Failure::new(CheckCode::InvalidCredentials, "The API key contains characters Kraken keys never have.")
         })?;
         api_key.set_sensitive(true);
 
@@ -255,11 +249,11 @@ impl KrakenClient {
         let limit_key =
             LimitKey { exchange: Exchange::Kraken, bucket: PRIVATE_BUCKET, key_fingerprint: Some(fingerprint.clone()) };
         if let Err(wait) = self.ctx.gate.acquire(&limit_key, 1).await {
-            return Err(CheckResult::unsent(
-                "Kraken's rate limit for this key has been reached; the check will be retried later.",
+            return Err(Failure::Unsent {
+                message: "Kraken's rate limit for this key has been reached; the check will be retried later."
+                    .to_string(),
                 wait,
-                started.elapsed(),
-            ));
+            });
         }
 
         // Held from nonce allocation until the answer is read: requests with this key go one at a time.
@@ -285,41 +279,38 @@ impl KrakenClient {
             .body(body.as_bytes().to_vec())
             .send()
             .await
-            .map_err(|err| transport_failure(&err, started.elapsed()))?;
+            .map_err(|err| transport_failure(&err))?;
         let status = response.status();
         let retry_after = retry_after_header(response.headers());
-        let bytes = response.bytes().await.map_err(|err| transport_failure(&err, started.elapsed()))?;
+        let bytes = response.bytes().await.map_err(|err| transport_failure(&err))?;
         drop(lease);
         tracing::debug!(exchange = "kraken", key = %fingerprint, nonce, status = status.as_u16(), "kraken response");
 
         if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry_after.unwrap_or_else(|| self.tier.one_call_decay());
             self.ctx.gate.report(&limit_key, LimitFeedback::RetryAfter(wait));
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::RateLimited,
                 "Kraken is rate-limiting this key; the check will be retried later.",
-                started.elapsed(),
             )
             .with_retry_after(wait));
         }
         if status.is_server_error() {
-            return Err(CheckResult::failure(
+            return Err(Failure::new(
                 CheckCode::ExchangeUnavailable,
                 format!("Kraken answered HTTP {}; it may be in maintenance.", status.as_u16()),
-                started.elapsed(),
             ));
         }
         let bad_response = || {
-            CheckResult::failure(
+            Failure::new(
                 CheckCode::BadResponse,
                 format!("Kraken answered HTTP {} with a body we could not read.", status.as_u16()),
-                started.elapsed(),
             )
         };
         let envelope: Envelope = serde_json::from_slice(&bytes).map_err(|_| bad_response())?;
         // Entries starting with `W` are warnings that accompany a result.
         if let Some(error) = envelope.error.iter().find(|e| e.starts_with('E')) {
-            return Err(self.map_error(error, &limit_key, started));
+            return Err(self.map_error(error, &limit_key));
         }
         if !status.is_success() {
             return Err(bad_response());
@@ -333,57 +324,48 @@ impl KrakenClient {
             ip_restricted: !info.ip_allowlist.is_empty(),
         };
         if !permissions.read {
-            let mut result = CheckResult::failure(
-                CheckCode::PermissionDenied,
+            return Err(Failure::lacking(
                 "The API key works but lacks the \"Query Funds\" permission, which Tradeeon needs to read balances.",
-                started.elapsed(),
-            );
-            result.permissions = Some(permissions);
-            return Ok(result);
+                Verdict { permissions, warnings: Vec::new() },
+            ));
         }
-        Ok(CheckResult::success(started.elapsed(), Some(permissions), permission_warnings(&permissions)))
+        Ok(Verdict { permissions, warnings: permission_warnings(&permissions) })
     }
 
-    /// Kraken's error strings ("Spot Error Messages") as check results.
-    fn map_error(&self, error: &str, limit_key: &LimitKey, started: Instant) -> CheckResult {
+    /// Kraken's error strings ("Spot Error Messages") as failures.
+    fn map_error(&self, error: &str, limit_key: &LimitKey) -> Failure {
         let is = |prefix: &str| error.starts_with(prefix);
-        let failure = |code, message: String| CheckResult::failure(code, message, started.elapsed());
         if is("EAPI:Invalid key") {
-            failure(
+            Failure::new(
                 CheckCode::InvalidCredentials,
-                "Kraken does not know this API key (or it was deleted or disabled).".into(),
+                "Kraken does not know this API key (or it was deleted or disabled).",
             )
         } else if is("EAPI:Invalid signature") {
-            failure(
+            Failure::new(
                 CheckCode::InvalidSignature,
-                "Kraken could not verify the request signature: the private key is probably wrong.".into(),
+                "Kraken could not verify the request signature: the private key is probably wrong.",
             )
         } else if is("EAPI:Invalid nonce") {
-            failure(
+            Failure::new(
                 CheckCode::InvalidNonce,
                 "Kraken rejected the nonce as not increasing. Another application may be using this API key with \
-                 larger nonces; give Tradeeon a key of its own."
-                    .into(),
+                 larger nonces; give Tradeeon a key of its own.",
             )
         } else if is("EGeneral:Permission denied") {
             // GetApiKeyInfo needs no permission, so this is the key being refused as a whole.
-            failure(
+            Failure::new(
                 CheckCode::IpNotAllowed,
                 "Kraken refused this key from our IP address: add our egress IPs to the key's IP allowlist. (Kraken \
-                 answers the same way when the key's two-factor password is missing or wrong.)"
-                    .into(),
+                 answers the same way when the key's two-factor password is missing or wrong.)",
             )
         } else if is("EAccount:Invalid permissions") {
-            failure(
-                CheckCode::PermissionDenied,
-                "Kraken says the account lacks the permissions for this request.".into(),
-            )
+            Failure::new(CheckCode::PermissionDenied, "Kraken says the account lacks the permissions for this request.")
         } else if is("EAPI:Rate limit exceeded") || is("EGeneral:Too many requests") {
             let wait = self.tier.one_call_decay();
             self.ctx.gate.report(limit_key, LimitFeedback::RetryAfter(wait));
-            failure(
+            Failure::new(
                 CheckCode::RateLimited,
-                "Kraken's call counter for this key is full; the check will be retried later.".into(),
+                "Kraken's call counter for this key is full; the check will be retried later.",
             )
             .with_retry_after(wait)
         } else if is("EService") && error.contains("Throttled") {
@@ -393,27 +375,26 @@ impl KrakenClient {
                 .unwrap_or(Duration::from_secs(1))
                 .max(Duration::from_secs(1));
             self.ctx.gate.report(limit_key, LimitFeedback::RetryAfter(wait));
-            failure(
+            Failure::new(
                 CheckCode::RateLimited,
-                "Kraken is throttling concurrent requests; the check will be retried later.".into(),
+                "Kraken is throttling concurrent requests; the check will be retried later.",
             )
             .with_retry_after(wait)
         } else if is("EGeneral:Temporary lockout") {
-            failure(
+            Failure::new(
                 CheckCode::RateLimited,
-                "Kraken temporarily locked this key out after repeated invalid-key errors; retry in a few minutes."
-                    .into(),
+                "Kraken temporarily locked this key out after repeated invalid-key errors; retry in a few minutes.",
             )
         } else if is("EService:") || is("EGeneral:Internal error") || is("EDatabase:") {
-            failure(CheckCode::ExchangeUnavailable, "Kraken's service is unavailable or busy right now.".into())
+            Failure::new(CheckCode::ExchangeUnavailable, "Kraken's service is unavailable or busy right now.")
         } else if is("EAuth:") {
-            failure(
+            Failure::new(
                 CheckCode::InvalidCredentials,
-                "Kraken refused the account behind this key (disabled or unconfirmed).".into(),
+                "Kraken refused the account behind this key (disabled or unconfirmed).",
             )
         } else {
             let shown: String = error.chars().take(120).collect();
-            failure(CheckCode::BadResponse, format!("Kraken answered with an unexpected error: {shown}"))
+            Failure::new(CheckCode::BadResponse, format!("Kraken answered with an unexpected error: {shown}"))
         }
     }
 }
@@ -428,17 +409,12 @@ impl ExchangeClient for KrakenClient {
         Exchange::Kraken
     }
 
-    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, CheckResult> {
+    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Verdict, Failure>> {
         Box::pin(async move {
-            let started = Instant::now();
-            let result = self.run_check(credentials, started).await.unwrap_or_else(|failure| failure);
-            tracing::debug!(
-                exchange = "kraken",
-                code = result.code.as_str(),
-                latency_ms = result.latency_ms,
-                "kraken credential check finished"
-            );
-            result
+            let outcome = self.run_check(credentials).await;
+            let code = outcome.as_ref().map_or_else(Failure::code, |_| CheckCode::Ok);
+            tracing::debug!(exchange = "kraken", code = code.as_str(), "kraken credential check finished");
+            outcome
         })
     }
 }
@@ -446,6 +422,7 @@ impl ExchangeClient for KrakenClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchanges::CheckResult;
 
     /// The example of Kraken's "Spot REST Authentication" guide (a limit order, buy 1.25 XBTUSD at
     /// $37,500).
@@ -483,7 +460,7 @@ mod tests {
         let client =
             KrakenClient::new(ctx, Url::parse("https://api.kraken.com").unwrap(), Arc::new(LocalNonces::new()));
         let key = LimitKey { exchange: Exchange::Kraken, bucket: PRIVATE_BUCKET, key_fingerprint: None };
-        let code = |error: &str| client.map_error(error, &key, Instant::now()).code;
+        let code = |error: &str| client.map_error(error, &key).code();
         assert_eq!(code("EAPI:Invalid key"), CheckCode::InvalidCredentials);
         assert_eq!(code("EAPI:Invalid signature"), CheckCode::InvalidSignature);
         assert_eq!(code("EAPI:Invalid nonce"), CheckCode::InvalidNonce);
@@ -491,7 +468,7 @@ mod tests {
         assert_eq!(code("EAPI:Rate limit exceeded"), CheckCode::RateLimited);
         assert_eq!(code("EGeneral:Too many requests"), CheckCode::RateLimited);
         assert_eq!(code("EGeneral:Temporary lockout"), CheckCode::RateLimited);
-        let throttled = client.map_error("EService: Throttled: 1", &key, Instant::now());
+        let throttled = CheckResult::new(Err(client.map_error("EService: Throttled: 1", &key)), Duration::ZERO);
         assert_eq!((throttled.code, throttled.retry_after_ms), (CheckCode::RateLimited, Some(1000)));
         assert_eq!(code("EService:Unavailable"), CheckCode::ExchangeUnavailable);
         assert_eq!(code("EService:Busy"), CheckCode::ExchangeUnavailable);

@@ -1,9 +1,9 @@
 //! Exchange clients: one module per exchange behind one trait, [`ExchangeClient`].
 //!
 //! A client's one job here is a *credential check*: prove that a key authenticates, and report
-//! what it is allowed to do. Every outcome — including the exchange being down — is a
-//! [`CheckResult`] with a code from the fixed set [`CheckCode`]; clients never panic and never
-//! return an error the caller must interpret.
+//! what it is allowed to do. A check that passes is a [`Verdict`]; every other outcome — including
+//! the exchange being down — is a [`Failure`] with a code from the fixed set [`CheckCode`]. Clients
+//! never panic. The caller times the check and stores it as a [`CheckResult`].
 //!
 //! Clients only run inside workers (the API never calls an exchange). They take their base URLs
 //! from configuration so tests point them at the simulator over real HTTP, and they ask a
@@ -115,7 +115,79 @@ pub mod warnings {
     pub const PERMISSIONS_UNKNOWN: &str = "permissions_unknown";
 }
 
-/// The outcome of one credential check: the `result` of `test`, `verify` and `rotate` jobs.
+/// What a passed check proves about a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub permissions: Permissions,
+    /// E.g. [`warnings::WITHDRAWALS_ENABLED`].
+    pub warnings: Vec<String>,
+}
+
+/// Why a check did not pass. Messages are sentences for the user and never contain credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The check ended with `code`: the key was refused (by the exchange, or before any request
+    /// when it cannot be valid), or the exchange could not answer.
+    Checked {
+        code: CheckCode,
+        message: String,
+        /// How long the exchange asked us to wait, when it said.
+        retry_after: Option<Duration>,
+        /// A key that authenticates but lacks a permission Tradeeon needs: what it may do.
+        found: Option<Verdict>,
+    },
+    /// [`RateGate::acquire`] refused, so nothing reached the exchange: `rate_limited`, to be tried
+    /// again after `wait`. Jobs reschedule these without spending an attempt.
+    Unsent { message: String, wait: Duration },
+}
+
+impl Failure {
+    pub fn new(code: CheckCode, message: impl Into<String>) -> Self {
+        debug_assert!(code != CheckCode::Ok);
+        Failure::Checked { code, message: message.into(), retry_after: None, found: None }
+    }
+
+    /// `permission_denied` for a key that works, keeping what it may do for the user.
+    pub fn lacking(message: impl Into<String>, found: Verdict) -> Self {
+        Failure::Checked {
+            code: CheckCode::PermissionDenied,
+            message: message.into(),
+            retry_after: None,
+            found: Some(found),
+        }
+    }
+
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        if let Failure::Checked { retry_after, .. } = &mut self {
+            *retry_after = Some(wait);
+        }
+        self
+    }
+
+    pub fn code(&self) -> CheckCode {
+        match self {
+            Failure::Checked { code, .. } => *code,
+            Failure::Unsent { .. } => CheckCode::RateLimited,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Checked { message, .. } | Failure::Unsent { message, .. } => message,
+        }
+    }
+
+    /// When to try again, if the exchange or our rate gate said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Checked { retry_after, .. } => *retry_after,
+            Failure::Unsent { wait, .. } => Some(*wait),
+        }
+    }
+}
+
+/// A check as jobs store and `GET /jobs/{id}` serves it: the `result` of `test`, `verify`,
+/// `rotate` and `kite_session` jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckResult {
     pub ok: bool,
@@ -128,51 +200,32 @@ pub struct CheckResult {
     /// Set with `rate_limited`: how long the exchange asked us to wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
-    /// Our own rate gate refused the request, so nothing reached the exchange (see
-    /// [`CheckResult::unsent`]). Not part of the stored or served result.
-    #[serde(skip)]
-    pub unsent: bool,
 }
 
 impl CheckResult {
-    pub fn success(latency: Duration, permissions: Option<Permissions>, warnings: Vec<String>) -> Self {
-        Self {
-            ok: true,
-            code: CheckCode::Ok,
-            message: "Credentials are valid.".to_string(),
-            latency_ms: duration_ms(latency),
-            permissions,
-            warnings,
-            retry_after_ms: None,
-            unsent: false,
+    /// The record of a check that took `latency`.
+    pub fn new(outcome: Result<Verdict, Failure>, latency: Duration) -> Self {
+        let latency_ms = duration_ms(latency);
+        match outcome {
+            Ok(Verdict { permissions, warnings }) => Self {
+                ok: true,
+                code: CheckCode::Ok,
+                message: "Credentials are valid.".to_string(),
+                latency_ms,
+                permissions: Some(permissions),
+                warnings,
+                retry_after_ms: None,
+            },
+            Err(failure) => {
+                let (code, retry_after_ms) = (failure.code(), failure.retry_after().map(duration_ms));
+                let (message, found) = match failure {
+                    Failure::Checked { message, found, .. } => (message, found),
+                    Failure::Unsent { message, .. } => (message, None),
+                };
+                let (permissions, warnings) = found.map_or((None, Vec::new()), |v| (Some(v.permissions), v.warnings));
+                Self { ok: false, code, message, latency_ms, permissions, warnings, retry_after_ms }
+            }
         }
-    }
-
-    pub fn failure(code: CheckCode, message: impl Into<String>, latency: Duration) -> Self {
-        debug_assert!(code != CheckCode::Ok);
-        Self {
-            ok: false,
-            code,
-            message: message.into(),
-            latency_ms: duration_ms(latency),
-            permissions: None,
-            warnings: Vec::new(),
-            retry_after_ms: None,
-            unsent: false,
-        }
-    }
-
-    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
-        self.retry_after_ms = Some(duration_ms(retry_after));
-        self
-    }
-
-    /// `rate_limited` because [`RateGate::acquire`] refused: no request was sent, try again
-    /// after `wait`. Jobs reschedule these without spending an attempt.
-    pub fn unsent(message: impl Into<String>, wait: Duration, latency: Duration) -> Self {
-        let mut result = Self::failure(CheckCode::RateLimited, message, latency).with_retry_after(wait);
-        result.unsent = true;
-        result
     }
 }
 
@@ -196,9 +249,8 @@ pub fn permission_warnings(permissions: &Permissions) -> Vec<String> {
 pub trait ExchangeClient: Send + Sync {
     fn exchange(&self) -> Exchange;
 
-    /// Proves the credentials work and reports their permissions. Never panics; every failure is
-    /// a [`CheckResult`] with the matching code.
-    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, CheckResult>;
+    /// Proves the credentials work and reports their permissions. Never panics.
+    fn check<'a>(&'a self, credentials: &'a Credentials) -> BoxFuture<'a, Result<Verdict, Failure>>;
 }
 
 /// A budget an exchange enforces: which counter a request spends from.
@@ -275,21 +327,20 @@ pub fn http_client(request_timeout: Duration) -> reqwest::Result<reqwest::Client
 }
 
 /// Maps a transport error to the check codes shared by all exchanges.
-pub fn transport_failure(err: &reqwest::Error, latency: Duration) -> CheckResult {
+pub fn transport_failure(err: &reqwest::Error) -> Failure {
     if err.is_timeout() {
-        CheckResult::failure(CheckCode::Timeout, "The exchange did not answer in time.", latency)
+        Failure::new(CheckCode::Timeout, "The exchange did not answer in time.")
     } else if err.is_connect() {
-        CheckResult::failure(CheckCode::ExchangeUnavailable, "Could not connect to the exchange.", latency)
+        Failure::new(CheckCode::ExchangeUnavailable, "Could not connect to the exchange.")
     } else if err.is_redirect() {
-        CheckResult::failure(
+        Failure::new(
             CheckCode::BadResponse,
             "The exchange answered with a redirect, which we do not follow: no credentials were sent elsewhere.",
-            latency,
         )
     } else if err.is_decode() || err.is_body() {
-        CheckResult::failure(CheckCode::BadResponse, "The exchange sent a response we could not read.", latency)
+        Failure::new(CheckCode::BadResponse, "The exchange sent a response we could not read.")
     } else {
-        CheckResult::failure(CheckCode::ExchangeUnavailable, "The request to the exchange failed.", latency)
+        Failure::new(CheckCode::ExchangeUnavailable, "The request to the exchange failed.")
     }
 }
 

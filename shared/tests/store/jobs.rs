@@ -1,9 +1,11 @@
 //! Job records and their apalis tickets: atomic enqueue, one change per connection, claiming,
 //! settling, rescheduling.
 
+use std::time::Duration;
+
 use chrono::{Duration as ChronoDuration, Utc};
-use tradeeon_shared::domain::{AuditAction, Exchange};
-use tradeeon_shared::exchanges::{CheckCode, CheckResult};
+use tradeeon_shared::domain::{AuditAction, Exchange, Permissions};
+use tradeeon_shared::exchanges::{CheckCode, CheckResult, Failure, Verdict};
 use tradeeon_shared::jobs::{JobId, JobKind, JobOutcome, JobPayload, JobStatus, NewJob, Requester, TicketId};
 use tradeeon_shared::store::{AuditEntryInput, REVOKED_REASON, Store, StoreError, TicketState};
 
@@ -65,7 +67,7 @@ fn verify_job(
 }
 
 fn ok_result() -> CheckResult {
-    CheckResult::success(std::time::Duration::from_millis(42), None, vec![])
+    CheckResult::new(Ok(Verdict { permissions: Permissions::default(), warnings: vec![] }), Duration::from_millis(42))
 }
 
 async fn enqueue_is_atomic_with_the_connection_write(store: Store) {
@@ -182,7 +184,7 @@ async fn claim_finish_and_requeue(store: Store) {
     // Claimed again (the retry, or an orphaned ticket re-delivered): the attempt is counted.
     let again = store.claim_job(test.id).await.unwrap().unwrap();
     assert_eq!(again.record.attempts, 2);
-    let result = CheckResult::failure(CheckCode::InvalidSignature, "bad", std::time::Duration::from_millis(5));
+    let result = CheckResult::new(Err(Failure::new(CheckCode::InvalidSignature, "bad")), Duration::from_millis(5));
     assert!(store.finish_job(test.id, &JobOutcome::Done(result.clone()), None).await.unwrap());
     assert!(!store.finish_job(test.id, &JobOutcome::Failed("late".into()), None).await.unwrap(), "settled once");
     assert!(store.claim_job(test.id).await.unwrap().is_none(), "a late ticket finds nothing to run");

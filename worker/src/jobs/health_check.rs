@@ -36,13 +36,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tradeeon_shared::domain::{ConnectionId, ConnectionStatus, Exchange, Permissions};
-use tradeeon_shared::exchanges::{CheckCode, CheckResult};
+use tradeeon_shared::exchanges::{CheckCode, CheckResult, Failure};
 use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
 use tradeeon_shared::store::{ConnectionRecord, DecidedFrom, HealthRecord, StatusUpdate};
 
 use super::{
-    CheckPolicy, JobEnv, JobResult, REVOKED, SUPERSEDED, Step, failed, latency_ms, slow_message, status_changed_audit,
-    stored_credentials,
+    CheckPolicy, JobEnv, JobResult, REVOKED, SUPERSEDED, Step, failed, latency_ms, record_or_defer, slow_message,
+    status_changed_audit, stored_credentials,
 };
 
 /// Why [`next_status`] decided what it did (recorded in the `status_changed` audit row).
@@ -96,7 +96,7 @@ pub struct StatusDecision {
 }
 
 /// How a failed check counts in the status model.
-enum Failure {
+enum FailureKind {
     /// The exchange refused the key: can lead to `error`.
     Refused,
     /// The Zerodha session has ended.
@@ -105,20 +105,20 @@ enum Failure {
     Inconclusive,
 }
 
-fn failure_kind(code: CheckCode) -> Failure {
+fn failure_kind(code: CheckCode) -> FailureKind {
     match code {
         CheckCode::InvalidCredentials
         | CheckCode::InvalidSignature
         | CheckCode::IpNotAllowed
-        | CheckCode::PermissionDenied => Failure::Refused,
-        CheckCode::SessionExpired => Failure::Session,
+        | CheckCode::PermissionDenied => FailureKind::Refused,
+        CheckCode::SessionExpired => FailureKind::Session,
         CheckCode::Ok
         | CheckCode::RateLimited
         | CheckCode::ExchangeUnavailable
         | CheckCode::Timeout
         | CheckCode::ClockSkew
         | CheckCode::InvalidNonce
-        | CheckCode::BadResponse => Failure::Inconclusive,
+        | CheckCode::BadResponse => FailureKind::Inconclusive,
     }
 }
 
@@ -175,15 +175,15 @@ pub fn next_status(previous: &ConnectionRecord, check: &CheckResult, policy: &Ch
         reason,
     };
     match failure_kind(check.code) {
-        Failure::Session => decision(Expired, DecisionReason::SessionExpired, false),
-        Failure::Refused if healthy && failures < threshold => {
+        FailureKind::Session => decision(Expired, DecisionReason::SessionExpired, false),
+        FailureKind::Refused if healthy && failures < threshold => {
             decision(previous.status, DecisionReason::Unconfirmed, previous.consecutive_failures == 0)
         }
-        Failure::Refused => decision(Error, DecisionReason::Failed, false),
-        Failure::Inconclusive if healthy && failures >= threshold => {
+        FailureKind::Refused => decision(Error, DecisionReason::Failed, false),
+        FailureKind::Inconclusive if healthy && failures >= threshold => {
             decision(Degraded, DecisionReason::Unreliable, false)
         }
-        Failure::Inconclusive => decision(previous.status, DecisionReason::Inconclusive, false),
+        FailureKind::Inconclusive => decision(previous.status, DecisionReason::Inconclusive, false),
     }
 }
 
@@ -203,17 +203,16 @@ pub(super) async fn run(env: &JobEnv, _job: &ClaimedJob, connection_id: Connecti
                 "The Kite session ended at {} (sessions end at 06:00 IST every day); log in with Kite again.",
                 ended.format("%Y-%m-%d %H:%M UTC")
             );
-            (CheckResult::failure(CheckCode::SessionExpired, message, Duration::ZERO), false)
+            (CheckResult::new(Err(Failure::new(CheckCode::SessionExpired, message)), Duration::ZERO), false)
         }
         _ => {
             let credentials = stored_credentials(env, &record, &encrypted).await?;
-            let result = env.check(record.exchange, &credentials).await;
-            if result.unsent {
-                // Our rate gate held the request back: nothing was learnt about the connection,
-                // so nothing is recorded; the check runs when the budget frees.
-                return Ok(super::defer(&result));
+            let (outcome, latency) = env.check(record.exchange, &credentials).await;
+            // Held back by our rate gate: nothing is recorded; the check runs when the budget frees.
+            match record_or_defer(outcome, latency) {
+                Ok(result) => (result, true),
+                Err(defer) => return Ok(defer),
             }
-            (result, true)
         }
     };
     tracing::info!(code = result.code.as_str(), latency_ms = result.latency_ms, called, "connection checked");
@@ -278,6 +277,7 @@ mod tests {
     use super::*;
     use chrono::DateTime;
     use tradeeon_shared::domain::{Features, UserId};
+    use tradeeon_shared::exchanges::Verdict;
 
     const ALL_STATUSES: [ConnectionStatus; 5] = [
         ConnectionStatus::Pending,
@@ -312,11 +312,11 @@ mod tests {
     }
 
     fn ok(permissions: Permissions, latency_ms: u64) -> CheckResult {
-        CheckResult::success(Duration::from_millis(latency_ms), Some(permissions), Vec::new())
+        CheckResult::new(Ok(Verdict { permissions, warnings: Vec::new() }), Duration::from_millis(latency_ms))
     }
 
     fn fail(code: CheckCode) -> CheckResult {
-        CheckResult::failure(code, format!("{} happened", code.as_str()), Duration::from_millis(5))
+        CheckResult::new(Err(Failure::new(code, format!("{} happened", code.as_str()))), Duration::from_millis(5))
     }
 
     fn policy(threshold: u32) -> CheckPolicy {

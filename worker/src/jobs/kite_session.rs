@@ -11,6 +11,8 @@
 //! * A failed session request (wrong secret, used or expired request token) sets `error` or
 //!   `expired` and audits `status_changed` when the status changes.
 
+use std::time::Instant;
+
 use serde_json::json;
 use tradeeon_shared::domain::{AuditAction, ConnectionId, ConnectionStatus, Exchange};
 use tradeeon_shared::exchanges::{CheckResult, Credentials};
@@ -19,7 +21,7 @@ use tradeeon_shared::store::{AuditEntryInput, ConnectionRecord};
 
 use super::{
     JobEnv, JobError, JobResult, REVOKED, Step, connected_audit, decrypt, decrypt_credentials, failed, record_check,
-    retries, retry, status_changed_audit, verdict_status,
+    record_or_defer, retries, retry, status_changed_audit, verdict_status,
 };
 
 #[tracing::instrument(name = "kite_session_job", skip_all, fields(connection_id = %connection_id))]
@@ -32,14 +34,20 @@ pub(super) async fn run(env: &JobEnv, job: &ClaimedJob, connection_id: Connectio
     }
     let credentials = decrypt_credentials(&env.keyring, &encrypted, None)?;
     let request_token = decrypt(&env.keyring, request_token)?;
+    let started = Instant::now();
     let created =
         env.exchanges.create_kite_session(&credentials.api_key, &credentials.api_secret, request_token.expose()).await;
+    let latency = started.elapsed();
     drop(request_token);
     let session = match created {
         Ok(session) => session,
-        Err(result) => {
-            tracing::info!(code = result.code.as_str(), "Kite session could not be created");
-            env.record_check_metrics(Exchange::Zerodha, &result);
+        Err(failure) => {
+            tracing::info!(code = failure.code().as_str(), "Kite session could not be created");
+            env.record_check_metrics(Exchange::Zerodha, failure.code(), latency);
+            let result = match record_or_defer(Err(failure), latency) {
+                Ok(result) => result,
+                Err(defer) => return Ok(defer),
+            };
             if retries(job, &result) {
                 return Ok(retry(job, result));
             }
@@ -58,8 +66,9 @@ pub(super) async fn run(env: &JobEnv, job: &ClaimedJob, connection_id: Connectio
     tracing::info!(expires_at = %session.expires_at, "Kite session stored");
 
     let credentials = Credentials { access_token: Some(session.access_token), ..credentials };
-    let result = env.check(Exchange::Zerodha, &credentials).await;
+    let (outcome, latency) = env.check(Exchange::Zerodha, &credentials).await;
     drop(credentials);
+    let result = CheckResult::new(outcome, latency);
     // The login worked: a transient failure of the profile check only makes the connection degraded.
     apply(env, &record, result, Some(ConnectionStatus::Degraded)).await
 }

@@ -48,13 +48,13 @@ mod test;
 mod verify;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::json;
 use tradeeon_shared::config::{ExchangeEndpoints, WorkerConfig};
 use tradeeon_shared::domain::{AuditAction, ConnectionStatus, Exchange};
-use tradeeon_shared::exchanges::{CheckCode, CheckResult, Credentials};
+use tradeeon_shared::exchanges::{CheckCode, CheckResult, Credentials, Failure, Verdict};
 use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
 use tradeeon_shared::retry::RetryPolicy;
 use tradeeon_shared::store::{
@@ -101,15 +101,18 @@ impl JobEnv {
     }
 
     /// Runs a credential check, applies the permission policy and records the check's metrics.
-    pub async fn check(&self, exchange: Exchange, credentials: &Credentials) -> CheckResult {
-        let result = apply_policy(&self.policy, self.exchanges.check(exchange, credentials).await);
-        self.record_check_metrics(exchange, &result);
-        result
+    /// Returns what the check concluded and how long it took.
+    pub async fn check(&self, exchange: Exchange, credentials: &Credentials) -> (Result<Verdict, Failure>, Duration) {
+        let started = Instant::now();
+        let outcome = apply_policy(&self.policy, self.exchanges.check(exchange, credentials).await);
+        let latency = started.elapsed();
+        self.record_check_metrics(exchange, outcome.as_ref().map_or_else(Failure::code, |_| CheckCode::Ok), latency);
+        (outcome, latency)
     }
 
-    pub(crate) fn record_check_metrics(&self, exchange: Exchange, result: &CheckResult) {
+    pub(crate) fn record_check_metrics(&self, exchange: Exchange, code: CheckCode, latency: Duration) {
         if let Some(metrics) = &self.metrics {
-            metrics.check_recorded(exchange, result.code, Duration::from_millis(result.latency_ms));
+            metrics.check_recorded(exchange, code, latency);
         }
     }
 }
@@ -251,24 +254,28 @@ pub(crate) async fn stored_credentials(
 }
 
 /// Applies `REJECT_WITHDRAWAL_KEYS` to a passing check.
-pub fn apply_policy(policy: &CheckPolicy, mut result: CheckResult) -> CheckResult {
-    let withdraws = result.permissions.is_some_and(|p| p.withdraw);
-    if policy.reject_withdrawal_keys && result.ok && withdraws {
-        result.ok = false;
-        result.code = CheckCode::PermissionDenied;
-        result.message = "This API key can withdraw funds, and this service is configured to refuse such keys \
-                          (REJECT_WITHDRAWAL_KEYS). Create a key without the withdrawal permission."
-            .to_string();
+pub fn apply_policy(policy: &CheckPolicy, outcome: Result<Verdict, Failure>) -> Result<Verdict, Failure> {
+    match outcome {
+        Ok(verdict) if policy.reject_withdrawal_keys && verdict.permissions.withdraw => Err(Failure::lacking(
+            "This API key can withdraw funds, and this service is configured to refuse such keys \
+             (REJECT_WITHDRAWAL_KEYS). Create a key without the withdrawal permission.",
+            verdict,
+        )),
+        outcome => outcome,
     }
-    result
+}
+
+/// The record of a check, or the [`defer`] step when our rate gate held its request back:
+/// nothing was learnt, and waiting for our own budget is not a failed attempt.
+pub(crate) fn record_or_defer(outcome: Result<Verdict, Failure>, latency: Duration) -> Result<CheckResult, Step> {
+    match outcome {
+        Err(Failure::Unsent { wait, .. }) => Err(defer(wait)),
+        outcome => Ok(CheckResult::new(outcome, latency)),
+    }
 }
 
 /// Whether this failed check should be retried (see the module docs).
 pub(crate) fn retries(job: &ClaimedJob, result: &CheckResult) -> bool {
-    if result.unsent {
-        // Nothing was sent: waiting for our own budget is not a failed attempt.
-        return true;
-    }
     !result.ok
         && result.code.is_transient()
         && job.record.kind.retries_transient_failures()
@@ -281,9 +288,6 @@ pub(crate) fn settle(job: &ClaimedJob, result: CheckResult) -> Step {
 }
 
 pub(crate) fn retry(job: &ClaimedJob, result: CheckResult) -> Step {
-    if result.unsent {
-        return defer(&result);
-    }
     let after = RetryPolicy::JOB.delay_honouring(job.record.attempts, result.retry_after_ms.map(Duration::from_millis));
     Step::Retry { after, last: Some(result) }
 }
@@ -291,9 +295,8 @@ pub(crate) fn retry(job: &ClaimedJob, result: CheckResult) -> Step {
 /// Re-runs a job whose request our rate gate held back, when the gate says the budget frees,
 /// plus up to 10% (at least 20 ms) so the jobs it held back together do not all come back in
 /// the same instant.
-pub(crate) fn defer(result: &CheckResult) -> Step {
+fn defer(wait: Duration) -> Step {
     use rand::Rng;
-    let wait = Duration::from_millis(result.retry_after_ms.unwrap_or(1_000));
     let spread = wait.mul_f64(0.1).max(Duration::from_millis(20));
     let after = wait + spread.mul_f64(rand::thread_rng().gen_range(0.0..=1.0));
     Step::Defer { after }
@@ -400,28 +403,30 @@ mod tests {
     use super::*;
     use tradeeon_shared::domain::Permissions;
 
+    fn passed(permissions: Permissions) -> Result<Verdict, Failure> {
+        Ok(Verdict { permissions, warnings: tradeeon_shared::exchanges::permission_warnings(&permissions) })
+    }
+
     fn ok_with(permissions: Permissions, latency_ms: u64) -> CheckResult {
-        let mut r = CheckResult::success(Duration::from_millis(latency_ms), Some(permissions), Vec::new());
-        r.warnings = tradeeon_shared::exchanges::permission_warnings(&permissions);
-        r
+        CheckResult::new(passed(permissions), Duration::from_millis(latency_ms))
     }
 
     #[test]
     fn withdrawal_keys_are_refused_only_when_configured() {
         let withdraw = Permissions { read: true, trade: true, withdraw: true, ip_restricted: true };
-        let result = ok_with(withdraw, 10);
+        let result = passed(withdraw);
         assert_eq!(apply_policy(&CheckPolicy::default(), result.clone()), result);
         let strict = CheckPolicy { reject_withdrawal_keys: true, ..CheckPolicy::default() };
-        let refused = apply_policy(&strict, result);
+        let refused = CheckResult::new(apply_policy(&strict, result), Duration::ZERO);
         assert!(!refused.ok);
         assert_eq!(refused.code, CheckCode::PermissionDenied);
         assert!(refused.message.contains("REJECT_WITHDRAWAL_KEYS"));
         assert_eq!(refused.permissions, Some(withdraw), "permissions are kept for the user");
         assert_eq!(refused.warnings, ["withdrawals_enabled"]);
         // Keys without withdrawals, and failed checks, are untouched.
-        let fine = ok_with(Permissions { withdraw: false, ..withdraw }, 10);
+        let fine = passed(Permissions { withdraw: false, ..withdraw });
         assert_eq!(apply_policy(&strict, fine.clone()), fine);
-        let failed = CheckResult::failure(CheckCode::Timeout, "slow", Duration::ZERO);
+        let failed = Err(Failure::new(CheckCode::Timeout, "slow"));
         assert_eq!(apply_policy(&strict, failed.clone()), failed);
     }
 
@@ -431,7 +436,7 @@ mod tests {
         let p = Permissions { read: true, ..Permissions::default() };
         assert_eq!(verdict_status(&policy, &ok_with(p, 10)).unwrap().0, ConnectionStatus::Connected);
         assert_eq!(verdict_status(&policy, &ok_with(p, 2_000)).unwrap().0, ConnectionStatus::Degraded);
-        let fail = |code| CheckResult::failure(code, "x", Duration::ZERO);
+        let fail = |code| CheckResult::new(Err(Failure::new(code, "x")), Duration::ZERO);
         assert_eq!(verdict_status(&policy, &fail(CheckCode::InvalidSignature)).unwrap().0, ConnectionStatus::Error);
         assert_eq!(verdict_status(&policy, &fail(CheckCode::SessionExpired)).unwrap().0, ConnectionStatus::Expired);
         for code in [CheckCode::RateLimited, CheckCode::ExchangeUnavailable, CheckCode::Timeout] {

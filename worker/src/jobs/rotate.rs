@@ -24,8 +24,8 @@ use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
 use tradeeon_shared::store::{AuditEntryInput, ConnectionRecord, EncryptedCredentials};
 
 use super::{
-    JobEnv, JobError, JobResult, REVOKED, Step, decrypt_credentials, failed, record_check, retries, retry,
-    verdict_status,
+    JobEnv, JobError, JobResult, REVOKED, Step, decrypt_credentials, failed, record_check, record_or_defer, retries,
+    retry, verdict_status,
 };
 
 const CHANGED: &str = "The connection changed meanwhile (new credentials were saved by another request); this \
@@ -49,8 +49,12 @@ pub(super) async fn run(
     }
 
     let credentials = decrypt_credentials(&env.keyring, new, None)?;
-    let result = env.check(record.exchange, &credentials).await;
+    let (outcome, latency) = env.check(record.exchange, &credentials).await;
     drop(credentials);
+    let result = match record_or_defer(outcome, latency) {
+        Ok(result) => result,
+        Err(defer) => return Ok(defer),
+    };
     tracing::info!(
         code = result.code.as_str(),
         latency_ms = result.latency_ms,

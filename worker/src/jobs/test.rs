@@ -6,7 +6,7 @@ use tradeeon_shared::domain::Exchange;
 use tradeeon_shared::jobs::ClaimedJob;
 use tradeeon_shared::store::EncryptedCredentials;
 
-use super::{JobEnv, JobResult, decrypt_credentials, settle};
+use super::{JobEnv, JobResult, decrypt_credentials, record_or_defer, settle};
 
 #[tracing::instrument(name = "test_job", skip_all, fields(exchange = %exchange))]
 pub(super) async fn run(
@@ -16,8 +16,12 @@ pub(super) async fn run(
     credentials: &EncryptedCredentials,
 ) -> JobResult {
     let credentials = decrypt_credentials(&env.keyring, credentials, None)?;
-    let result = env.check(exchange, &credentials).await;
+    let (outcome, latency) = env.check(exchange, &credentials).await;
     drop(credentials);
+    let result = match record_or_defer(outcome, latency) {
+        Ok(result) => result,
+        Err(defer) => return Ok(defer),
+    };
     tracing::info!(code = result.code.as_str(), latency_ms = result.latency_ms, "credentials tested");
     Ok(settle(job, result))
 }

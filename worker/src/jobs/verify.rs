@@ -17,8 +17,8 @@ use tradeeon_shared::domain::ConnectionId;
 use tradeeon_shared::jobs::{ClaimedJob, JobOutcome};
 
 use super::{
-    JobEnv, JobResult, REVOKED, SUPERSEDED, Step, connected_audit, failed, record_check, retries, retry,
-    status_changed_audit, stored_credentials, verdict_status,
+    JobEnv, JobResult, REVOKED, SUPERSEDED, Step, connected_audit, failed, record_check, record_or_defer, retries,
+    retry, status_changed_audit, stored_credentials, verdict_status,
 };
 
 #[tracing::instrument(name = "verify_job", skip_all, fields(connection_id = %connection_id, credentials_version))]
@@ -35,8 +35,12 @@ pub(super) async fn run(
         return failed(SUPERSEDED);
     }
     let credentials = stored_credentials(env, &record, &encrypted).await?;
-    let result = env.check(record.exchange, &credentials).await;
+    let (outcome, latency) = env.check(record.exchange, &credentials).await;
     drop(credentials);
+    let result = match record_or_defer(outcome, latency) {
+        Ok(result) => result,
+        Err(defer) => return Ok(defer),
+    };
     tracing::info!(code = result.code.as_str(), latency_ms = result.latency_ms, "connection verified");
     if retries(job, &result) {
         return Ok(retry(job, result));

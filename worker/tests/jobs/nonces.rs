@@ -40,7 +40,7 @@ async fn concurrent_checks_from_two_processes_never_reuse_a_nonce(url: String) {
     let checks = (0..20).map(|i| processes[i % 2].check(Exchange::Kraken, &credentials));
     let results = join_all(checks).await;
     for result in &results {
-        assert!(result.ok, "{result:?}");
+        assert!(result.is_ok(), "{result:?}");
     }
     assert_eq!(sim.state.kraken.invalid_nonce_count(), 0);
     let fingerprint = key_fingerprint(sim_kraken::SEEDED_FULL_KEY);
@@ -103,7 +103,7 @@ async fn sqlite_uses_in_memory_nonces(store: tradeeon_shared::store::Store) {
         access_token: None,
     };
     let results = join_all((0..10).map(|_| app.env.exchanges.check(Exchange::Kraken, &credentials))).await;
-    assert!(results.iter().all(|r| r.ok), "{results:?}");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(app.sim.state.kraken.invalid_nonce_count(), 0);
 }
 
