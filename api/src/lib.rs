@@ -171,12 +171,12 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(metrics::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), strict_transport_security))
         .layer(TraceLayer::new_for_http().make_span_with(request_id::span));
     if let Some(cors) = cors(&state.settings.cors_origins) {
         app = app.layer(cors);
     }
-    request_id::layer(app).with_state(state)
+    // Outermost, so that even answers no handler sees (CORS preflights, 404s) carry them.
+    app.layer(middleware::from_fn_with_state(state.clone(), every_answer)).with_state(state)
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -199,23 +199,28 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-/// HSTS on every answer to a request that reached the load balancer over https, so a browser
-/// never again sends this host a request (or an access token) in the clear. Only behind a
-/// trusted proxy: this process serves plain HTTP and learns the scheme from `X-Forwarded-Proto`.
-async fn strict_transport_security(
+/// What every answer carries, in one layer (each layer costs on every request): the request's
+/// id ([`request_id`]), and HSTS when the request reached the load balancer over https, so a
+/// browser never again sends this host a request (or an access token) in the clear. HSTS only
+/// behind a trusted proxy: this process serves plain HTTP and learns the scheme from
+/// `X-Forwarded-Proto`.
+async fn every_answer(
     axum::extract::State(state): axum::extract::State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    let id = request_id::of(request.headers());
+    request_id::attach(&mut request, id.clone());
     let https = state.settings.trust_proxy
         && request
             .headers()
             .get("x-forwarded-proto")
             .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
     let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(request_id::HEADER, id);
     if https {
-        response
-            .headers_mut()
+        headers
             .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=63072000; includeSubDomains"));
     }
     response

@@ -8,11 +8,9 @@
 //! characters, several headers) is replaced by a fresh UUID, so a client cannot write arbitrary
 //! text into the logs.
 
-use axum::Router;
 use axum::extract::Request;
-use axum::http::HeaderName;
-use axum::middleware;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use tower_http::request_id::RequestId;
 
 /// The header, on requests and responses.
 pub(crate) const HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -20,12 +18,21 @@ pub(crate) const HEADER: HeaderName = HeaderName::from_static("x-request-id");
 /// The longest client-supplied id that is kept.
 const MAX_LEN: usize = 64;
 
-/// Wraps `router` (outermost, so even answers no handler sees carry an id).
-pub(crate) fn layer<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
-    router
-        .layer(PropagateRequestIdLayer::new(HEADER))
-        .layer(SetRequestIdLayer::new(HEADER, MakeRequestUuid))
-        .layer(middleware::map_request(drop_unusable))
+/// The id of a request: the client's when it is usable (see the module doc), else a fresh UUID.
+pub(crate) fn of(headers: &HeaderMap) -> HeaderValue {
+    let mut ids = headers.get_all(&HEADER).iter();
+    match (ids.next(), ids.next()) {
+        (Some(id), None) if is_usable(id.as_bytes()) => id.clone(),
+        _ => {
+            let fresh = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned();
+            HeaderValue::try_from(fresh).expect("a UUID is a header value")
+        }
+    }
+}
+
+/// Files the id where [`span`] (and any handler) finds it.
+pub(crate) fn attach(request: &mut Request, id: HeaderValue) {
+    request.extensions_mut().insert(RequestId::new(id));
 }
 
 /// The span every log line of a request is written in. INFO, so that it is enabled wherever the
@@ -34,20 +41,6 @@ pub(crate) fn layer<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Rout
 pub(crate) fn span(request: &Request) -> tracing::Span {
     let id = request.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("");
     tracing::info_span!("request", method = %request.method(), path = request.uri().path(), request_id = id)
-}
-
-/// Removes a client-supplied id that is not kept (see the module doc), so one is generated.
-async fn drop_unusable(mut request: Request) -> Request {
-    let mut ids = request.headers().get_all(&HEADER).iter();
-    let usable = match (ids.next(), ids.next()) {
-        (Some(id), None) => is_usable(id.as_bytes()),
-        (None, _) => true,
-        (Some(_), Some(_)) => false,
-    };
-    if !usable {
-        request.headers_mut().remove(&HEADER);
-    }
-    request
 }
 
 fn is_usable(id: &[u8]) -> bool {
