@@ -575,8 +575,8 @@ impl Store {
         dispatch!(self, s => s.swap_credentials(id, expected_version, &new, &api_key_hint, audit).await)
     }
 
-    /// Writes an audit row on behalf of the connection's owner (e.g. `tested`,
-    /// `rotate_failed`, `status_changed` from a worker). [`StoreError::NotFound`] if the
+    /// Writes an audit row on behalf of the connection's owner (e.g. `rotate_failed`,
+    /// `status_changed` from a worker; a `test` job's `tested` entry comes with its settle). [`StoreError::NotFound`] if the
     /// connection does not exist.
     #[tracing::instrument(skip_all, fields(connection_id = %id, action = %audit.action), err)]
     pub async fn insert_connection_audit(&self, id: ConnectionId, audit: AuditEntryInput) -> Result<AuditEntry> {

@@ -37,7 +37,7 @@
 //! * `rotate` — `rotated` (in the swap's transaction; its details carry the new status) or
 //!   `rotate_failed` (old keys untouched, status untouched). No extra status row.
 //! * `health_check` — `status_changed` (`{from, to, code, reason, message}`) on every change.
-//! * `test` — nothing (the API writes the `tested` row).
+//! * `test` — `tested`, written by the statement that settles the job, with the verdict.
 //!
 //! Every check of a stored connection also writes a health-history row.
 

@@ -1,6 +1,7 @@
 //! `test`: "decrypt the job's credentials, run the check, return the result; store nothing
-//! else." The credentials are not stored anywhere, so there is no connection to update and no
-//! audit row to write (the API writes the `tested` row when it accepts the request).
+//! else." The credentials are not stored anywhere, so there is no connection to update. The
+//! `tested` audit entry, with the verdict and the requester the API put in the payload, is written
+//! by the statement that settles the job.
 
 use tradeeon_shared::domain::Exchange;
 use tradeeon_shared::jobs::ClaimedJob;
