@@ -111,12 +111,21 @@ pub async fn run_scheduler(
             match store.claim_sweep(slot, &owner).await {
                 Ok(true) => {
                     handled = Some(slot);
-                    let (store, settings, observer) = (store.clone(), settings.clone(), observer.clone());
-                    tokio::spawn(async move {
-                        if let Err(err) = sweep(&store, &settings, observer.as_ref(), slot).await {
-                            tracing::error!(%slot, error = format!("{err:#}"), "health sweep failed");
+                    // The checks are enqueued before shutdown is looked at again: every other
+                    // process sees the slot owned, so a slot claimed and then dropped by a
+                    // stopping process would go unswept. Only the wait for them to settle runs
+                    // on its own.
+                    match enqueue_sweep(&store, &settings, observer.as_ref(), slot).await {
+                        Ok(enqueued) => {
+                            let (store, settings, observer) = (store.clone(), settings.clone(), observer.clone());
+                            tokio::spawn(async move {
+                                if let Err(err) = watch_sweep(&store, &settings, observer.as_ref(), &enqueued).await {
+                                    tracing::error!(%slot, error = format!("{err:#}"), "health sweep failed");
+                                }
+                            });
                         }
-                    });
+                        Err(err) => tracing::error!(%slot, error = format!("{err:#}"), "health sweep failed"),
+                    }
                 }
                 Ok(false) => {
                     tracing::debug!(%slot, "another worker owns this sweep");
@@ -144,6 +153,27 @@ pub async fn sweep(
     observer: &dyn SweepObserver,
     slot: DateTime<Utc>,
 ) -> anyhow::Result<usize> {
+    let enqueued = enqueue_sweep(store, settings, observer, slot).await?;
+    watch_sweep(store, settings, observer, &enqueued).await
+}
+
+/// A sweep whose checks are enqueued.
+#[derive(Clone, Copy)]
+struct EnqueuedSweep {
+    slot: DateTime<Utc>,
+    checks: usize,
+    /// When its spread started, and how long the longest exchange's part of it is.
+    start: DateTime<Utc>,
+    longest: Duration,
+}
+
+/// Enqueues a spread-out check per active connection for `slot`.
+async fn enqueue_sweep(
+    store: &Store,
+    settings: &SchedulerSettings,
+    observer: &dyn SweepObserver,
+    slot: DateTime<Utc>,
+) -> anyhow::Result<EnqueuedSweep> {
     let interval = settings.schedule.interval_at(slot);
     let mut per_exchange: HashMap<Exchange, usize> = HashMap::new();
     for (exchange, _status, count) in store.connection_counts().await? {
@@ -197,7 +227,18 @@ pub async fn sweep(
     let spread_until = start + chrono::Duration::from_std(longest).unwrap_or_default();
     store.record_sweep_enqueued(slot, i64::try_from(enqueued).unwrap_or(i64::MAX), spread_until).await?;
     tracing::info!(%slot, enqueued, spread_s = longest.as_secs_f64(), "health sweep enqueued");
+    Ok(EnqueuedSweep { slot, checks: enqueued, start, longest })
+}
 
+/// Waits for an enqueued sweep's checks to settle and marks it completed; returns its checks.
+async fn watch_sweep(
+    store: &Store,
+    settings: &SchedulerSettings,
+    observer: &dyn SweepObserver,
+    sweep: &EnqueuedSweep,
+) -> anyhow::Result<usize> {
+    let EnqueuedSweep { slot, checks: enqueued, start, longest } = *sweep;
+    let interval = settings.schedule.interval_at(slot);
     // Completed once every check has settled; given up (and left incomplete, which the
     // "no completed sweep" alarm sees) if that takes more than two intervals.
     let give_up = start + chrono::Duration::from_std(interval * 2 + longest).unwrap_or_default();
