@@ -91,7 +91,8 @@ export function onChange(listener) {
   listeners.add(listener);
 }
 
-function cleanFragment() {
+/** Removes the fragment from the address bar and history: a token must not linger there. */
+export function cleanFragment() {
   history.replaceState(history.state, '', location.pathname + location.search);
 }
 
@@ -127,11 +128,6 @@ function answersPendingSignIn(state) {
 export function fragmentHasSignIn() {
   const fragment = new URLSearchParams(location.hash.slice(1));
   return fragment.has('access_token') || fragment.has('signin');
-}
-
-/** Drops a sign-in fragment that arrived after the page loaded: only a load may sign in. */
-export function ignoreFragment() {
-  cleanFragment();
 }
 
 /**

@@ -158,7 +158,7 @@ async function boot() {
 window.addEventListener('hashchange', async () => {
   if (!auth.fragmentHasSignIn()) return;
   if (new URLSearchParams(location.hash.slice(1)).has('access_token')) {
-    auth.ignoreFragment();
+    auth.cleanFragment();
     showNotice('A sign-in link was opened in this tab after it loaded and was ignored.');
     return;
   }
