@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tradeeon_shared::domain::{AuditAction, ConnectionStatus, Exchange, Features, Permissions};
 use tradeeon_shared::exchanges::{CheckCode, CheckResult};
 use tradeeon_shared::jobs::{JobKind, JobRecord, JobStatus};
-use tradeeon_shared::store::{AuditEntry, ConnectionRecord};
+use tradeeon_shared::store::{AuditEntry, ConnectionRecord, HealthEntry};
 use tradeeon_shared::vault::SecretValue;
 use utoipa::ToSchema;
 use utoipa::openapi::RefOr;
@@ -272,6 +272,27 @@ impl From<AuditEntry> for AuditEntryView {
             details: e.details,
             created_at: e.created_at,
         }
+    }
+}
+
+/// One recorded health check of a connection.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = HealthEntry)]
+pub struct HealthEntryView {
+    pub checked_at: DateTime<Utc>,
+    /// The status the check found.
+    #[schema(schema_with = connection_status_schema)]
+    pub status: ConnectionStatus,
+    /// The check's outcome as a stable code (the job result codes, e.g. `invalid_credentials`).
+    pub code: Option<String>,
+    pub latency_ms: Option<i32>,
+    /// A short human-readable explanation, never a secret.
+    pub message: Option<String>,
+}
+
+impl From<HealthEntry> for HealthEntryView {
+    fn from(e: HealthEntry) -> Self {
+        Self { checked_at: e.checked_at, status: e.status, code: e.code, latency_ms: e.latency_ms, message: e.message }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Connections: list, connect, test, rotate, revoke, and the audit log.
+//! Connections: list, connect, test, rotate, revoke, their health history, and the audit log.
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tradeeon_shared::domain::{ApiKeyHint, AuditAction};
 use tradeeon_shared::jobs::{JobPayload, NewJob, Requester};
-use tradeeon_shared::store::{AuditCursor, MAX_PAGE_SIZE, NewConnection, REVOKED_REASON};
+use tradeeon_shared::store::{MAX_PAGE_SIZE, NewConnection, PageCursor, REVOKED_REASON};
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -17,7 +17,8 @@ use crate::error::ErrorBody;
 use crate::extract::{self, ApiJson, AuthUser, ClientMeta, PathId};
 use crate::validate;
 use crate::views::{
-    AuditEntryView, ConnectionAccepted, ConnectionRequest, ConnectionView, JobAccepted, MessageView, RotateRequest,
+    AuditEntryView, ConnectionAccepted, ConnectionRequest, ConnectionView, HealthEntryView, JobAccepted, MessageView,
+    RotateRequest,
 };
 use crate::{ApiError, AppState};
 
@@ -27,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(test_connection))
         .routes(routes!(rotate_connection))
         .routes(routes!(revoke_connection))
+        .routes(routes!(list_health_history))
         .routes(routes!(list_audit))
 }
 
@@ -230,6 +232,57 @@ async fn revoke_connection(
     Ok(Json(MessageView { message: "Connection revoked; its stored credentials were destroyed.".into() }))
 }
 
+/// Query of `GET /connections/{id}/history`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HistoryQuery {
+    /// Page size, 1–200. Default 50.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
+    limit: Option<String>,
+    /// Cursor: checks older than this one. Take it from the previous page's `Link: rel="next"`
+    /// header (`<unix microseconds>.<entry id without hyphens>`); empty means none.
+    #[param(pattern = r"^([0-9]{1,16}\.[0-9a-f]{32})?$")]
+    before: Option<String>,
+}
+
+const DEFAULT_HISTORY_PAGE: u32 = 50;
+const MAX_HISTORY_PAGE: u32 = 200;
+
+/// The health checks of one of the caller's connections, newest first. When a page is full, a
+/// `Link: <…>; rel="next"` header points to the next (older) page.
+#[utoipa::path(
+    get,
+    path = "/connections/{id}/history",
+    tag = "connections",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Connection id"), HistoryQuery),
+    responses(
+        (status = 200, description = "Newest first", body = [HealthEntryView],
+            headers(("Link" = String, description = "`<…?limit=N&before=CURSOR>; rel=\"next\"` when there may be more"))),
+        (status = 400, description = "The id is not a UUID, or a bad `limit` or `before`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such active connection of the caller", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
+async fn list_health_history(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PathId(id): PathId,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(HeaderMap, Json<Vec<HealthEntryView>>), ApiError> {
+    let id = extract::connection_id(&id)?;
+    let Query(query) = query.map_err(|_| malformed_query())?;
+    let (limit, before) =
+        page(query.limit.as_deref(), query.before.as_deref(), DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE)?;
+    // A revoked connection is gone for its owner, history included.
+    state.store.get_connection(&user.0, id).await?.ok_or(ApiError::NotFound)?;
+    let entries = state.store.list_health_history(&user.0, id, limit, before).await?;
+    let headers =
+        next_page(&format!("/connections/{id}/history"), limit, entries.len(), entries.last().map(PageCursor::from));
+    Ok((headers, Json(entries.into_iter().map(HealthEntryView::from).collect())))
+}
+
 /// Query of `GET /connections/audit`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -266,21 +319,37 @@ async fn list_audit(
     user: AuthUser,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<(HeaderMap, Json<Vec<AuditEntryView>>), ApiError> {
-    let Query(query) =
-        query.map_err(|_| ApiError::bad_request("invalid_query", "The query string is malformed.", None))?;
-    let limit = match query.limit.as_deref() {
-        None => DEFAULT_AUDIT_PAGE,
-        Some(raw) => raw.trim().parse::<u32>().ok().filter(|n| (1..=MAX_PAGE_SIZE).contains(n)).ok_or_else(|| {
+    let Query(query) = query.map_err(|_| malformed_query())?;
+    let (limit, before) = page(query.limit.as_deref(), query.before.as_deref(), DEFAULT_AUDIT_PAGE, MAX_PAGE_SIZE)?;
+    let entries = state.store.list_audit(&user.0, limit, before).await?;
+    let headers = next_page("/connections/audit", limit, entries.len(), entries.last().map(PageCursor::from));
+    Ok((headers, Json(entries.into_iter().map(AuditEntryView::from).collect())))
+}
+
+fn malformed_query() -> ApiError {
+    ApiError::bad_request("invalid_query", "The query string is malformed.", None)
+}
+
+/// A keyset page's `limit` (`default` when absent, at most `max`) and `before` cursor.
+fn page(
+    limit: Option<&str>,
+    before: Option<&str>,
+    default: u32,
+    max: u32,
+) -> Result<(u32, Option<PageCursor>), ApiError> {
+    let limit = match limit {
+        None => default,
+        Some(raw) => raw.trim().parse::<u32>().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_query",
-                format!("`limit` must be a whole number from 1 to {MAX_PAGE_SIZE}."),
+                format!("`limit` must be a whole number from 1 to {max}."),
                 Some("limit"),
             )
         })?,
     };
-    let before = match query.before.as_deref() {
+    let before = match before {
         None | Some("") => None,
-        Some(raw) => Some(raw.parse::<AuditCursor>().map_err(|_| {
+        Some(raw) => Some(raw.parse::<PageCursor>().map_err(|_| {
             ApiError::bad_request(
                 "invalid_query",
                 "`before` is not a cursor from a previous page's Link header.",
@@ -288,17 +357,19 @@ async fn list_audit(
             )
         })?),
     };
-    let entries = state.store.list_audit(&user.0, limit, before).await?;
+    Ok((limit, before))
+}
+
+/// `Link: <path?limit=N&before=CURSOR>; rel="next"` when the page is full, so there may be more.
+fn next_page(path: &str, limit: u32, len: usize, last: Option<PageCursor>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    if entries.len() == limit as usize
-        && let Some(last) = entries.last()
+    if len == limit as usize
+        && let Some(last) = last
+        && let Ok(value) = HeaderValue::from_str(&format!("<{path}?limit={limit}&before={last}>; rel=\"next\""))
     {
-        let next = format!("</connections/audit?limit={limit}&before={}>; rel=\"next\"", AuditCursor::from(last));
-        if let Ok(value) = HeaderValue::from_str(&next) {
-            headers.insert(header::LINK, value);
-        }
+        headers.insert(header::LINK, value);
     }
-    Ok((headers, Json(entries.into_iter().map(AuditEntryView::from).collect())))
+    headers
 }
 
 /// We never set an idempotency key on these jobs, so "already enqueued" cannot happen.

@@ -14,6 +14,7 @@ mod auth;
 mod canary;
 mod connections;
 mod cross_user;
+mod history;
 mod jobs;
 mod openapi;
 mod public;

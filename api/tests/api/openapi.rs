@@ -74,6 +74,17 @@ async fn the_document_matches_the_handlers(app: TestApp) {
     done.push(created);
     done.push(call(&app, "POST", "/connections/test", "/connections/test", Some(&user), Some(connect)).await);
     app.finish_job(&job_id).await;
+    done.push(
+        call(
+            &app,
+            "GET",
+            "/connections/{id}/history",
+            &format!("/connections/{connection_id}/history"),
+            Some(&user),
+            None,
+        )
+        .await,
+    );
     done.push(call(&app, "GET", "/jobs/{id}", &format!("/jobs/{job_id}"), Some(&user), None).await);
     done.push(
         call(

@@ -223,37 +223,44 @@ pub struct AuditEntry {
     pub created_at: DateTime<Utc>,
 }
 
-/// Keyset position in the audit log: pass the last entry of a page to get the next (older) one.
-/// Its string form, for query strings, is `<unix microseconds>.<uuid without hyphens>`.
+/// Keyset position in a newest-first list (the audit log, a connection's health history): pass
+/// the last entry of a page to get the next (older) one. Its string form, for query strings, is
+/// `<unix microseconds>.<uuid without hyphens>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditCursor {
-    pub created_at: DateTime<Utc>,
+pub struct PageCursor {
+    pub at: DateTime<Utc>,
     pub id: Uuid,
 }
 
-impl From<&AuditEntry> for AuditCursor {
+impl From<&AuditEntry> for PageCursor {
     fn from(entry: &AuditEntry) -> Self {
-        Self { created_at: entry.created_at, id: entry.id }
+        Self { at: entry.created_at, id: entry.id }
     }
 }
 
-impl fmt::Display for AuditCursor {
+impl From<&HealthEntry> for PageCursor {
+    fn from(entry: &HealthEntry) -> Self {
+        Self { at: entry.checked_at, id: entry.id }
+    }
+}
+
+impl fmt::Display for PageCursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.created_at.timestamp_micros(), self.id.simple())
+        write!(f, "{}.{}", self.at.timestamp_micros(), self.id.simple())
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid audit cursor")]
+#[error("invalid page cursor")]
 pub struct ParseCursorError;
 
-impl FromStr for AuditCursor {
+impl FromStr for PageCursor {
     type Err = ParseCursorError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (micros, id) = s.split_once('.').ok_or(ParseCursorError)?;
         let micros: i64 = micros.parse().map_err(|_| ParseCursorError)?;
         Ok(Self {
-            created_at: DateTime::from_timestamp_micros(micros).ok_or(ParseCursorError)?,
+            at: DateTime::from_timestamp_micros(micros).ok_or(ParseCursorError)?,
             id: Uuid::try_parse(id).map_err(|_| ParseCursorError)?,
         })
     }
@@ -299,6 +306,17 @@ pub struct HealthRecord {
     pub checked_at: DateTime<Utc>,
     pub status: ConnectionStatus,
     /// A stable machine-readable outcome, e.g. `invalid_credentials`.
+    pub code: Option<String>,
+    pub latency_ms: Option<i32>,
+    pub message: Option<String>,
+}
+
+/// One recorded health check as read back; its id orders checks of the same instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthEntry {
+    pub id: Uuid,
+    pub checked_at: DateTime<Utc>,
+    pub status: ConnectionStatus,
     pub code: Option<String>,
     pub latency_ms: Option<i32>,
     pub message: Option<String>,
@@ -529,20 +547,23 @@ impl Store {
         &self,
         user: &UserContext,
         limit: u32,
-        before: Option<AuditCursor>,
+        before: Option<PageCursor>,
     ) -> Result<Vec<AuditEntry>> {
         dispatch!(self, s => s.list_audit(user, clamp_limit(limit), before).await)
     }
 
-    /// Health history of one of the user's connections, newest first.
+    /// Health history of one of the user's connections, newest first: at most `limit`
+    /// (≤ [`MAX_PAGE_SIZE`]) checks older than `before` (exclusive). Empty for someone else's
+    /// connection.
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id, connection_id = %id), err)]
     pub async fn list_health_history(
         &self,
         user: &UserContext,
         id: ConnectionId,
         limit: u32,
-    ) -> Result<Vec<HealthRecord>> {
-        dispatch!(self, s => s.list_health_history(user, id, clamp_limit(limit)).await)
+        before: Option<PageCursor>,
+    ) -> Result<Vec<HealthEntry>> {
+        dispatch!(self, s => s.list_health_history(user, id, clamp_limit(limit), before).await)
     }
 
     // ---------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ use uuid::Uuid;
 use super::jobs_postgres::PgBatches;
 use super::wakeups::Wakeups;
 use super::{
-    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
-    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError, StoredSecrets, UserContext,
-    decode_error, placeholder_email,
+    AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials, HealthEntry,
+    HealthRecord, MIGRATIONS_TABLE, NewConnection, PageCursor, Result, StatusUpdate, StoreError, StoredSecrets,
+    UserContext, decode_error, placeholder_email,
 };
 use crate::domain::{ApiKeyHint, ConnectionId, Permissions, UserId};
 
@@ -166,7 +166,7 @@ impl PgStore {
         &self,
         user: &UserContext,
         limit: i64,
-        before: Option<AuditCursor>,
+        before: Option<PageCursor>,
     ) -> Result<Vec<AuditEntry>> {
         let mut tx = begin_user(&self.pool, user).await?;
         let rows = match before {
@@ -191,7 +191,7 @@ impl PgStore {
                       ORDER BY created_at DESC, id DESC LIMIT $4"
                 ))
                 .bind(user.user_id.0)
-                .bind(cursor.created_at)
+                .bind(cursor.at)
                 .bind(cursor.id)
                 .bind(limit)
                 .fetch_all(&mut *tx)
@@ -207,20 +207,41 @@ impl PgStore {
         user: &UserContext,
         id: ConnectionId,
         limit: i64,
-    ) -> Result<Vec<HealthRecord>> {
+        before: Option<PageCursor>,
+    ) -> Result<Vec<HealthEntry>> {
         let mut tx = begin_user(&self.pool, user).await?;
-        let rows = sqlx::query(
-            "SELECT h.connection_id, h.checked_at, h.status, h.code, h.latency_ms, h.message
-             FROM public.connection_health_history h
-             JOIN public.exchange_keys k ON k.id = h.connection_id
-             WHERE h.connection_id = $1 AND k.user_id = $2
-             ORDER BY h.checked_at DESC, h.id DESC LIMIT $3",
-        )
-        .bind(id.0)
-        .bind(user.user_id.0)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = match before {
+            None => {
+                sqlx::query(
+                    "SELECT h.id, h.checked_at, h.status, h.code, h.latency_ms, h.message
+                     FROM public.connection_health_history h
+                     JOIN public.exchange_keys k ON k.id = h.connection_id
+                     WHERE h.connection_id = $1 AND k.user_id = $2
+                     ORDER BY h.checked_at DESC, h.id DESC LIMIT $3",
+                )
+                .bind(id.0)
+                .bind(user.user_id.0)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            Some(cursor) => {
+                sqlx::query(
+                    "SELECT h.id, h.checked_at, h.status, h.code, h.latency_ms, h.message
+                     FROM public.connection_health_history h
+                     JOIN public.exchange_keys k ON k.id = h.connection_id
+                     WHERE h.connection_id = $1 AND k.user_id = $2 AND (h.checked_at, h.id) < ($3, $4)
+                     ORDER BY h.checked_at DESC, h.id DESC LIMIT $5",
+                )
+                .bind(id.0)
+                .bind(user.user_id.0)
+                .bind(cursor.at)
+                .bind(cursor.id)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
         tx.commit().await?;
         rows.iter().map(health_from_row).collect()
     }
@@ -708,9 +729,9 @@ fn audit_from_row(row: &PgRow) -> Result<AuditEntry> {
     })
 }
 
-fn health_from_row(row: &PgRow) -> Result<HealthRecord> {
-    Ok(HealthRecord {
-        connection_id: ConnectionId(row.try_get("connection_id")?),
+fn health_from_row(row: &PgRow) -> Result<HealthEntry> {
+    Ok(HealthEntry {
+        id: row.try_get("id")?,
         checked_at: row.try_get("checked_at")?,
         status: super::parse_column("status", &row.try_get::<String, _>("status")?)?,
         code: row.try_get("code")?,

@@ -15,9 +15,9 @@ use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AuditCursor, AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials,
-    HealthRecord, MIGRATIONS_TABLE, NewConnection, Result, StatusUpdate, StoreError, StoredSecrets, UserContext,
-    decode_error, placeholder_email,
+    AuditEntry, AuditEntryInput, Backend, ConnectionRecord, DecidedFrom, EncryptedCredentials, HealthEntry,
+    HealthRecord, MIGRATIONS_TABLE, NewConnection, PageCursor, Result, StatusUpdate, StoreError, StoredSecrets,
+    UserContext, decode_error, placeholder_email,
 };
 use crate::domain::{ApiKeyHint, ConnectionId, UserId};
 
@@ -151,7 +151,7 @@ impl SqliteStore {
         &self,
         user: &UserContext,
         limit: i64,
-        before: Option<AuditCursor>,
+        before: Option<PageCursor>,
     ) -> Result<Vec<AuditEntry>> {
         let rows = match before {
             None => {
@@ -175,7 +175,7 @@ impl SqliteStore {
                       ORDER BY created_at DESC, id DESC LIMIT ?4"
                 ))
                 .bind(user.user_id.0.to_string())
-                .bind(ts(cursor.created_at))
+                .bind(ts(cursor.at))
                 .bind(cursor.id.to_string())
                 .bind(limit)
                 .fetch_all(&self.pool)
@@ -190,19 +190,40 @@ impl SqliteStore {
         user: &UserContext,
         id: ConnectionId,
         limit: i64,
-    ) -> Result<Vec<HealthRecord>> {
-        let rows = sqlx::query(
-            "SELECT h.connection_id, h.checked_at, h.status, h.code, h.latency_ms, h.message
-             FROM connection_health_history h
-             JOIN exchange_keys k ON k.id = h.connection_id
-             WHERE h.connection_id = ?1 AND k.user_id = ?2
-             ORDER BY h.checked_at DESC, h.id DESC LIMIT ?3",
-        )
-        .bind(id.0.to_string())
-        .bind(user.user_id.0.to_string())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        before: Option<PageCursor>,
+    ) -> Result<Vec<HealthEntry>> {
+        let rows = match before {
+            None => {
+                sqlx::query(
+                    "SELECT h.id, h.checked_at, h.status, h.code, h.latency_ms, h.message
+                     FROM connection_health_history h
+                     JOIN exchange_keys k ON k.id = h.connection_id
+                     WHERE h.connection_id = ?1 AND k.user_id = ?2
+                     ORDER BY h.checked_at DESC, h.id DESC LIMIT ?3",
+                )
+                .bind(id.0.to_string())
+                .bind(user.user_id.0.to_string())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Some(cursor) => {
+                sqlx::query(
+                    "SELECT h.id, h.checked_at, h.status, h.code, h.latency_ms, h.message
+                     FROM connection_health_history h
+                     JOIN exchange_keys k ON k.id = h.connection_id
+                     WHERE h.connection_id = ?1 AND k.user_id = ?2 AND (h.checked_at, h.id) < (?3, ?4)
+                     ORDER BY h.checked_at DESC, h.id DESC LIMIT ?5",
+                )
+                .bind(id.0.to_string())
+                .bind(user.user_id.0.to_string())
+                .bind(ts(cursor.at))
+                .bind(cursor.id.to_string())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         rows.iter().map(health_from_row).collect()
     }
 
@@ -660,9 +681,9 @@ fn audit_from_row(row: &SqliteRow) -> Result<AuditEntry> {
     })
 }
 
-fn health_from_row(row: &SqliteRow) -> Result<HealthRecord> {
-    Ok(HealthRecord {
-        connection_id: ConnectionId(parse_uuid("connection_id", &row.try_get::<String, _>("connection_id")?)?),
+fn health_from_row(row: &SqliteRow) -> Result<HealthEntry> {
+    Ok(HealthEntry {
+        id: parse_uuid("id", &row.try_get::<String, _>("id")?)?,
         checked_at: parse_ts("checked_at", &row.try_get::<String, _>("checked_at")?)?,
         status: super::parse_column("status", &row.try_get::<String, _>("status")?)?,
         code: row.try_get("code")?,

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 use tradeeon_shared::domain::{AuditAction, Exchange};
-use tradeeon_shared::store::{AuditCursor, AuditEntryInput, Store, StoreError};
+use tradeeon_shared::store::{AuditEntryInput, PageCursor, Store, StoreError};
 
 use crate::harness::{new_connection, user};
 
@@ -50,20 +50,20 @@ async fn audit_pages_newest_first_with_a_cursor(store: Store) {
 
     // Pages of 3 through the cursor's string form reproduce the whole list.
     let mut paged = Vec::new();
-    let mut before: Option<AuditCursor> = None;
+    let mut before: Option<PageCursor> = None;
     loop {
         let page = store.list_audit(&alice, 3, before).await.unwrap();
         assert!(page.len() <= 3);
         let Some(last) = page.last() else { break };
-        let cursor = AuditCursor::from(last);
-        let parsed: AuditCursor = cursor.to_string().parse().unwrap();
+        let cursor = PageCursor::from(last);
+        let parsed: PageCursor = cursor.to_string().parse().unwrap();
         assert_eq!(parsed, cursor);
         before = Some(parsed);
         paged.extend(page);
     }
     assert_eq!(paged, all);
-    assert!("garbage".parse::<AuditCursor>().is_err());
-    assert!("123.not-a-uuid".parse::<AuditCursor>().is_err());
+    assert!("garbage".parse::<PageCursor>().is_err());
+    assert!("123.not-a-uuid".parse::<PageCursor>().is_err());
 }
 
 async fn audit_is_private_to_its_user(store: Store) {

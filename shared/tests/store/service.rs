@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use tradeeon_shared::domain::{ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exchange, Permissions};
-use tradeeon_shared::store::{AuditEntryInput, DecidedFrom, HealthRecord, StatusUpdate, Store, StoreError};
+use tradeeon_shared::store::{
+    AuditEntryInput, DecidedFrom, HealthEntry, HealthRecord, PageCursor, StatusUpdate, Store, StoreError,
+};
 
 use crate::harness::{creds, new_connection, record_check, user};
 
@@ -151,7 +153,7 @@ async fn record_check_writes_status_and_history_together(store: Store) {
         latency_ms: Some(42),
         message: None,
     };
-    let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap() };
+    let history = || async { store.list_health_history(&alice, conn.id, 10, None).await.unwrap() };
 
     let version = conn.credentials_version;
     assert!(
@@ -218,7 +220,7 @@ async fn a_check_applies_only_to_the_state_it_was_decided_from(store: Store) {
         message: None,
     };
     let stored = || async { store.load_credentials(conn.id).await.unwrap().unwrap().0 };
-    let history = || async { store.list_health_history(&alice, conn.id, 10).await.unwrap().len() };
+    let history = || async { store.list_health_history(&alice, conn.id, 10, None).await.unwrap().len() };
     // One check's write: its status at `secs_ago`, decided from `from`; whether it applied.
     let write = |status: ConnectionStatus, secs_ago: i64, from: DecidedFrom| {
         let (update, health) = (update(status, secs_ago), health(status, secs_ago));
@@ -313,7 +315,7 @@ async fn concurrent_checks_are_written_together_each_with_its_own_answer(store: 
     let n = connections.len();
     for (i, (owner, conn)) in connections.iter().enumerate() {
         let stored = store.get_connection(owner, conn.id).await.unwrap().unwrap();
-        let history = store.list_health_history(owner, conn.id, 10).await.unwrap();
+        let history = store.list_health_history(owner, conn.id, 10, None).await.unwrap();
         assert_eq!(history.len(), 1, "connection {i}: one history row");
         let expected =
             if i == TWICE && second { (ConnectionStatus::Error, 99) } else { (ConnectionStatus::Connected, i as i32) };
@@ -340,6 +342,16 @@ async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
         latency_ms: Some(10),
         message: None,
     };
+    // What a listed entry says of the record it came from.
+    let said = |entries: Vec<HealthEntry>| {
+        entries.into_iter().map(|e| (e.checked_at, e.status, e.code, e.latency_ms, e.message)).collect::<Vec<_>>()
+    };
+    let recorded = |records: &[&HealthRecord]| {
+        records
+            .iter()
+            .map(|r| (r.checked_at, r.status, r.code.clone(), r.latency_ms, r.message.clone()))
+            .collect::<Vec<_>>()
+    };
     let day = 86_400;
     let old = record(10 * day, ConnectionStatus::Error);
     let recent = record(2 * day, ConnectionStatus::Degraded);
@@ -347,16 +359,58 @@ async fn health_history_is_recorded_and_pruned_by_age(store: Store) {
     for r in [&recent, &old, &newest] {
         store.record_health(r.clone()).await.unwrap();
     }
-    assert_eq!(
-        store.list_health_history(&alice, conn.id, 10).await.unwrap(),
-        vec![newest.clone(), recent.clone(), old.clone()]
-    );
-    assert!(store.list_health_history(&bob, conn.id, 10).await.unwrap().is_empty(), "not bob's");
+    let history = |limit, before| store.list_health_history(&alice, conn.id, limit, before);
+    assert_eq!(said(history(10, None).await.unwrap()), recorded(&[&newest, &recent, &old]));
+    assert!(store.list_health_history(&bob, conn.id, 10, None).await.unwrap().is_empty(), "not bob's");
+
+    // Pages of one through the cursor's string form reproduce the list.
+    let mut paged = Vec::new();
+    let mut before: Option<PageCursor> = None;
+    loop {
+        let page = history(1, before).await.unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(PageCursor::from(last).to_string().parse().unwrap());
+        paged.extend(page);
+        assert!(paged.len() <= 3);
+    }
+    assert_eq!(said(paged), recorded(&[&newest, &recent, &old]));
 
     assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 1);
-    assert_eq!(store.list_health_history(&alice, conn.id, 10).await.unwrap(), vec![newest.clone(), recent]);
+    assert_eq!(said(history(10, None).await.unwrap()), recorded(&[&newest, &recent]));
     assert_eq!(store.prune_health_history(Utc::now() - Duration::days(3)).await.unwrap(), 0);
-    assert_eq!(store.list_health_history(&alice, conn.id, 1).await.unwrap(), vec![newest]);
+    assert_eq!(said(history(1, None).await.unwrap()), recorded(&[&newest]));
+}
+
+/// Checks of the same instant page by id: none is skipped or repeated at a page boundary.
+async fn health_history_pages_through_checks_of_one_instant(store: Store) {
+    let alice = user(&store).await;
+    let conn = store.upsert_connection(&alice, new_connection(Exchange::Kraken, "same"), None).await.unwrap();
+    let when = at(60);
+    for latency in 0..5 {
+        let record = HealthRecord {
+            connection_id: conn.id,
+            checked_at: when,
+            status: ConnectionStatus::Connected,
+            code: Some("ok".into()),
+            latency_ms: Some(latency),
+            message: None,
+        };
+        store.record_health(record).await.unwrap();
+    }
+    let all = store.list_health_history(&alice, conn.id, 10, None).await.unwrap();
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store.list_health_history(&alice, conn.id, 2, before).await.unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(PageCursor::from(last));
+        paged.extend(page);
+        assert!(paged.len() <= 5);
+    }
+    assert_eq!(paged, all);
+    let mut latencies: Vec<_> = paged.iter().map(|e| e.latency_ms.unwrap()).collect();
+    latencies.sort();
+    assert_eq!(latencies, [0, 1, 2, 3, 4]);
 }
 
 async fn active_connection_ids_page_in_id_order(store: Store) {
@@ -443,6 +497,7 @@ contract!(
     a_check_applies_only_to_the_state_it_was_decided_from,
     concurrent_checks_are_written_together_each_with_its_own_answer,
     health_history_is_recorded_and_pruned_by_age,
+    health_history_pages_through_checks_of_one_instant,
     active_connection_ids_page_in_id_order,
     sessions_are_stored_audited_and_cleared_by_new_keys,
     worker_audit_rows_belong_to_the_connection_owner,

@@ -43,7 +43,7 @@ async fn a_healthy_check_is_recorded_in_history(store: Store) {
     let (id, step) = health_check(&app, &conn).await;
     assert!(done(&step).ok);
     assert_eq!(app.job(id).await.status, JobStatus::Done);
-    let history = app.store.list_health_history(&app.user, conn.id, 10).await.unwrap();
+    let history = app.store.list_health_history(&app.user, conn.id, 10, None).await.unwrap();
     assert_eq!(history.len(), 2, "verify and health check");
     assert_eq!(history[0].status, ConnectionStatus::Connected);
     assert_eq!(app.audit_actions().await, [AuditAction::Connected], "no status change, no audit row");
@@ -81,7 +81,7 @@ async fn one_transient_failure_does_not_flip_a_healthy_connection(store: Store) 
             ("degraded".into(), "connected".into(), "ok".into()),
         ]
     );
-    let history = app.store.list_health_history(&app.user, conn.id, 20).await.unwrap();
+    let history = app.store.list_health_history(&app.user, conn.id, 20, None).await.unwrap();
     assert_eq!(history.len(), 6, "every check is recorded");
 }
 
@@ -195,7 +195,7 @@ async fn concurrent_checks_of_one_connection_lose_no_failure(store: Store) {
     // Both failures counted: the threshold (2) is reached, so the connection is degraded.
     let after = app.connection(conn.id).await;
     assert_eq!((after.status, after.consecutive_failures), (ConnectionStatus::Degraded, 2));
-    let history = app.store.list_health_history(&app.user, conn.id, 10).await.unwrap();
+    let history = app.store.list_health_history(&app.user, conn.id, 10, None).await.unwrap();
     assert_eq!(history.len(), 3, "verify and both checks");
     assert_eq!(
         status_changes(&app.audit().await),

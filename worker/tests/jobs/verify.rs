@@ -39,7 +39,7 @@ async fn verify_applies_status_permissions_and_latency(store: Store) {
     assert_eq!(audit[0].details["code"], "ok");
     assert_eq!(audit[0].details["ok"], true);
     assert_eq!(audit[0].details["status"], "connected");
-    let history = app.store.list_health_history(&app.user, conn.id, 10).await.unwrap();
+    let history = app.store.list_health_history(&app.user, conn.id, 10, None).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].code.as_deref(), Some("ok"));
     assert_eq!(app.job(id).await.status, JobStatus::Done);
