@@ -87,6 +87,7 @@ const ASSETS: &[Asset] = &[
     asset!("js/wizard.js", "text/javascript; charset=utf-8"),
     asset!("js/modals.js", "text/javascript; charset=utf-8"),
     asset!("js/security.js", "text/javascript; charset=utf-8"),
+    asset!("js/history.js", "text/javascript; charset=utf-8"),
 ];
 
 const INDEX: usize = 0;

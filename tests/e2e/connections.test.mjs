@@ -307,6 +307,32 @@ test('Test checks keys without saving them', async () => {
   assert.equal(after.api_key_hint, before.api_key_hint, 'nothing was saved');
 });
 
+test('History draws the checks as a chart and lists them', async () => {
+  const binance = (await connections()).find((c) => c.exchange === 'binance');
+  const { status, body: checks } = await api(server, token, 'GET', `/connections/${binance.id}/history`);
+  assert.equal(status, 200);
+  assert.ok(checks.length >= 1, 'the keys were checked when they were saved');
+  const opener = card('binance').getByRole('button', { name: 'Health history for Binance' });
+  await opener.click();
+  const modal = page.locator('dialog.modal', { hasText: 'Health history' });
+  await modal.locator('svg.history-chart').waitFor();
+  await shot(page, 'history');
+  // One band segment and one table row per check, newest first in the table. A health sweep
+  // may add a check meanwhile, so the page shows what the API had before or after it opened.
+  const shown = await modal.locator('.history-table tbody tr').count();
+  const { body: latest } = await api(server, token, 'GET', `/connections/${binance.id}/history`);
+  assert.ok(shown >= checks.length && shown <= latest.length, `${shown} rows, ${checks.length}–${latest.length} checks`);
+  assert.equal(await modal.locator('svg.history-chart rect.band').count(), shown);
+  const newest = modal.locator('.history-table tbody tr').first();
+  assert.ok(latest.some((c) => c.checked_at === checks[0].checked_at));
+  assert.match(await newest.locator('.badge').innerText(), /Connected/);
+  assert.match(await modal.locator('svg.history-chart').getAttribute('aria-label'), new RegExp(`^${shown} checks? from `));
+  assert.ok(await modal.locator('[data-action="more"]').isHidden(), 'one page holds them all');
+  await page.keyboard.press('Escape');
+  await modal.waitFor({ state: 'detached' });
+  assert.equal(await opener.evaluate((el) => el === document.activeElement), true, 'focus returns to the button');
+});
+
 test('revoking names the exchange and removes the card', async () => {
   const coinbase = (await connections()).find((c) => c.exchange === 'coinbase');
   await card('coinbase').getByRole('button', { name: 'Revoke for Coinbase' }).click();

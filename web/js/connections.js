@@ -18,7 +18,7 @@ export const state = {
 const FAST_POLL_MS = 2000;
 const SLOW_POLL_MS = 10000;
 
-let actions = { test() {}, rotate() {}, revoke() {}, reconnect() {} };
+let actions = { test() {}, rotate() {}, revoke() {}, reconnect() {}, history() {} };
 let pollTimer = null;
 let polling = false;
 let fastUntil = 0;
@@ -158,6 +158,7 @@ function createCard(connection) {
       button('Rotate keys', 'btn-secondary', () => actions.rotate(byId(connection.id)), 'Rotate keys'),
     );
   }
+  actionsRow.append(button('History', 'btn-secondary', () => actions.history(byId(connection.id)), 'Health history'));
   actionsRow.append(button('Revoke', 'btn-danger-outline', () => actions.revoke(byId(connection.id)), 'Revoke'));
 
   return h('article', {

@@ -6,6 +6,7 @@ import * as connections from './connections.js';
 import { button, openDialog } from './dialog.js';
 import { $, h, sleep } from './dom.js';
 import * as modals from './modals.js';
+import * as healthHistory from './history.js';
 import * as security from './security.js';
 import * as wizard from './wizard.js';
 
@@ -120,6 +121,7 @@ function wire() {
     rotate: (c) => modals.openRotate(c),
     revoke: (c) => modals.openRevoke(c),
     reconnect: () => wizard.openWizard({ exchange: 'zerodha' }),
+    history: (c) => healthHistory.openHistory(c),
   });
   connections.onRefresh((list, changes, previous) => {
     if (changes.length || list.length !== previous.size) changed();
