@@ -1,4 +1,4 @@
-//! Connections: list, connect, test, rotate, revoke, their health history, and the audit log.
+//! Connections: list, read, connect, test, rotate, revoke, their health history, and the audit log.
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -27,7 +27,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_connections, create_connection))
         .routes(routes!(test_connection))
         .routes(routes!(rotate_connection))
-        .routes(routes!(revoke_connection))
+        .routes(routes!(get_connection, revoke_connection))
         .routes(routes!(list_health_history))
         .routes(routes!(list_audit))
 }
@@ -50,6 +50,31 @@ async fn list_connections(
 ) -> Result<Json<Vec<ConnectionView>>, ApiError> {
     let records = state.store.list_connections(&user.0).await?;
     Ok(Json(records.into_iter().map(ConnectionView::from).collect()))
+}
+
+/// One of the caller's active connections.
+#[utoipa::path(
+    get,
+    path = "/connections/{id}",
+    tag = "connections",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Connection id")),
+    responses(
+        (status = 200, description = "The connection", body = ConnectionView),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 404, description = "No such active connection of the caller", body = ErrorBody),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
+async fn get_connection(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PathId(id): PathId,
+) -> Result<Json<ConnectionView>, ApiError> {
+    let id = extract::connection_id(&id)?;
+    let record = state.store.get_connection(&user.0, id).await?.ok_or(ApiError::NotFound)?;
+    Ok(Json(record.into()))
 }
 
 /// Saves credentials for an exchange (replacing the caller's existing ones for it) with status

@@ -6,6 +6,7 @@ use crate::helpers::{self, Backend, TestApp};
 
 both!(
     list_starts_empty_and_shows_a_new_connection,
+    one_connection_reads_like_the_list,
     connect_writes_connection_audit_and_job_together,
     connect_again_while_verifying_is_409_and_changes_nothing,
     reconnect_after_verify_replaces_the_keys,
@@ -57,6 +58,28 @@ async fn list_starts_empty_and_shows_a_new_connection(app: TestApp) {
     assert_eq!(connection["api_key_hint"], "…WXYZ");
     assert_eq!(connection["permissions"], Value::Null);
     assert_eq!(connection["features"], json!({ "trading": true, "wallet": true, "paper": false }));
+}
+
+async fn one_connection_reads_like_the_list(app: TestApp) {
+    let user = app.user();
+    let created = app.connect_binance(&user, "ONEKEY0001").await;
+    let id = created["connection"]["id"].as_str().unwrap();
+    let response = app.get(&format!("/connections/{id}"), Some(&user)).await;
+    assert_eq!(response.status(), 200);
+    let one: Value = response.json().await.unwrap();
+    assert_eq!(keys_of(&one), CONNECTION_KEYS);
+    let list: Value = app.get("/connections", Some(&user)).await.json().await.unwrap();
+    assert_eq!(one, list[0]);
+
+    let unknown = format!("/connections/{}", uuid::Uuid::new_v4());
+    assert_eq!(helpers::error_of(app.get(&unknown, Some(&user)).await, 404).await["code"], "not_found");
+    assert_eq!(helpers::error_of(app.get("/connections/nope", Some(&user)).await, 400).await["field"], "id");
+    assert_eq!(app.get(&format!("/connections/{id}"), None).await.status(), 401);
+    assert_eq!(app.delete(&format!("/connections/{id}"), Some(&user)).await.status(), 200);
+    assert_eq!(
+        helpers::error_of(app.get(&format!("/connections/{id}"), Some(&user)).await, 404).await["code"],
+        "not_found"
+    );
 }
 
 async fn connect_writes_connection_audit_and_job_together(app: TestApp) {

@@ -24,6 +24,9 @@ async fn another_user_sees_and_changes_nothing(app: TestApp) {
     // Reads.
     assert_eq!(app.get("/connections", Some(&b)).await.json::<Value>().await.unwrap(), json!([]));
     assert_eq!(app.get("/connections/audit", Some(&b)).await.json::<Value>().await.unwrap(), json!([]));
+    for path in [format!("/connections/{connection_id}"), format!("/connections/{connection_id}/history")] {
+        assert_eq!(helpers::error_of(app.get(&path, Some(&b)).await, 404).await["code"], "not_found", "{path}");
+    }
     for job in [&verify_job, &test_job] {
         let error = helpers::error_of(app.get(&format!("/jobs/{job}"), Some(&b)).await, 404).await;
         assert_eq!(error["code"], "not_found");

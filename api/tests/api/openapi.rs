@@ -75,6 +75,9 @@ async fn the_document_matches_the_handlers(app: TestApp) {
     done.push(call(&app, "POST", "/connections/test", "/connections/test", Some(&user), Some(connect)).await);
     app.finish_job(&job_id).await;
     done.push(
+        call(&app, "GET", "/connections/{id}", &format!("/connections/{connection_id}"), Some(&user), None).await,
+    );
+    done.push(
         call(
             &app,
             "GET",
