@@ -136,6 +136,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = connect(&config).await?;
             store.migrate().await.context("migration failed")?;
             println!("migrations applied ({})", store.backend());
+            if let Some(app_url) = &config.database.app_url {
+                use secrecy::ExposeSecret;
+                let login = store
+                    .provision_service_login(app_url.expose_secret())
+                    .await
+                    .context("could not set up the login role of DATABASE_APP_URL")?;
+                println!("login role `{login}` is a member of {}", tradeeon_shared::store::SERVICE_ROLE);
+            }
             Ok(())
         }
         Command::Rewrap => {
@@ -204,8 +212,9 @@ async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
     let local_secret = if role == Role::Both { local_sign_in_secret(&mut config)? } else { None };
     let store = connect(&config).await?;
     if config.database.migrate_on_start {
-        store.migrate().await.context("migration failed")?;
+        store.migrate_on_start().await.context("migration failed (MIGRATE_ON_START)")?;
     }
+    store.check_service_role().await.context("DATABASE_URL's role cannot run the service")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -191,6 +191,11 @@ pub struct DatabaseConfig {
     /// Default true. Concurrent starts are safe: the migrator takes a lock.
     #[serde(rename = "MIGRATE_ON_START=true", deserialize_with = "flag")]
     pub migrate_on_start: bool,
+    /// `DATABASE_APP_URL` — read by `tradeeon migrate` only (PostgreSQL): the URL the API and
+    /// workers will connect with. Migrate, running as the tables' owner, makes that URL's user
+    /// a login role with that URL's password and membership in `tradeeon_service`. No default.
+    #[serde(rename = "DATABASE_APP_URL")]
+    pub app_url: Option<SecretString>,
 }
 
 impl DatabaseConfig {

@@ -7,13 +7,14 @@
 //! Two kinds of methods:
 //!
 //! * **User-scoped** methods take a [`UserContext`]. On PostgreSQL each runs in a transaction that
-//!   first switches to the `authenticated` role and sets the user's JWT claims, so Row Level
+//!   first switches to the `tradeeon_user` role and sets the user's JWT claims, so Row Level
 //!   Security applies on top of the `WHERE user_id = ...` every query carries anyway. SQLite has
 //!   no RLS and relies on the `WHERE` clauses. [`Store::begin_user`] exposes such a transaction
 //!   so a caller can combine several writes (and, after [`UserTx::into_service`], its own job
 //!   enqueue) atomically.
 //! * **Service** methods (worker jobs: health checks, rotation, re-encryption) run as the
-//!   service's own database user, which owns the tables and therefore sees every row.
+//!   service's own login role, a member of `tradeeon_service`, whose policies show it every row.
+//!   It does not own the tables: the owner runs migrations only ([`Store::check_service_role`]).
 //!
 //! Secrets cross this layer only as Fernet tokens ([`EncryptedCredentials`]); the store never sees
 //! plaintext, and [`ConnectionRecord`] — what the API returns to clients — has no secret field.
@@ -31,9 +32,11 @@ use crate::domain::{ApiKeyHint, AuditAction, ConnectionId, ConnectionStatus, Exc
 
 pub mod kraken_nonces;
 mod postgres;
+mod scram;
 mod sqlite;
 
 use postgres::PgStore;
+pub use postgres::{SERVICE_ROLE, USER_ROLE};
 use sqlite::SqliteStore;
 
 /// Name of our migrations table. apalis keeps its own (`_sqlx_migrations` on SQLite,
@@ -76,6 +79,34 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// `MIGRATE_ON_START` as a role that cannot migrate, with migrations to apply.
+    #[error(
+        "the database has migrations to apply, and DATABASE_URL's role `{role}` does not own the tables so it \
+         cannot apply them: run `tradeeon migrate` with the owner's DATABASE_URL first"
+    )]
+    MigrationsPending { role: String },
+    /// The service would run as the tables' owner, which forced RLS shows no rows.
+    #[error(
+        "DATABASE_URL connects as `{role}`, which owns the tables: row level security is forced on them, so it \
+         would see no rows. Keep that role for `tradeeon migrate` and run the API and workers as a login role \
+         that is a member of tradeeon_service (docs/operations.md, \"Database roles\")"
+    )]
+    ConnectsAsOwner { role: String },
+    /// The service's login role lacks the service's privileges and policies.
+    #[error(
+        "DATABASE_URL's role `{role}` is not a member of tradeeon_service: as the tables' owner run \
+         `GRANT tradeeon_service TO \"{role}\"` (or `tradeeon migrate` with DATABASE_APP_URL naming it)"
+    )]
+    NotServiceMember { role: String },
+    /// Every user policy calls `auth.uid()`; on Supabase only an administrator may grant it.
+    #[error(
+        "tradeeon_user may not call auth.uid(): as an administrator run `GRANT USAGE ON SCHEMA auth TO \
+         tradeeon_user, tradeeon_service; GRANT EXECUTE ON FUNCTION auth.uid() TO tradeeon_user, tradeeon_service`"
+    )]
+    AuthNotGranted,
+    /// `DATABASE_APP_URL` cannot be provisioned as given.
+    #[error("DATABASE_APP_URL: {0}")]
+    AppRole(&'static str),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -88,6 +119,30 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::Database(err),
         }
     }
+}
+
+/// A URL component with its `%XX` escapes undone; `None` if empty or not UTF-8.
+fn percent_decoded(component: &str) -> Option<String> {
+    let bytes = component.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok())
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().filter(|s| !s.is_empty())
 }
 
 /// A stored value that does not decode into its domain type (a corrupt or foreign row).
@@ -452,6 +507,72 @@ impl Store {
         dispatch!(self, s => s.migrate().await)
     }
 
+    /// `MIGRATE_ON_START`: applies pending migrations when this role may (it owns the tables, or
+    /// is a superuser, or nothing is migrated yet). A service role that does not own them
+    /// applies nothing; it only makes sure there is nothing to apply
+    /// ([`StoreError::MigrationsPending`] otherwise).
+    #[tracing::instrument(skip_all, err)]
+    pub async fn migrate_on_start(&self) -> Result<()> {
+        let Inner::Postgres(s) = &*self.inner else { return self.migrate().await };
+        let standing = s.standing().await?;
+        if standing.superuser || standing.owns_schema {
+            return s.migrate().await;
+        }
+        if s.migrations_pending().await? {
+            return Err(StoreError::MigrationsPending { role: standing.role });
+        }
+        tracing::info!(role = %standing.role, "schema is up to date; migrations are left to the tables' owner");
+        Ok(())
+    }
+
+    /// Refuses to serve on PostgreSQL as a role the schema does not let the service work as:
+    /// the tables' owner (forced RLS would show it no rows), or a role outside
+    /// `tradeeon_service`. A superuser bypasses RLS and is let through with a warning.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn check_service_role(&self) -> Result<()> {
+        let Inner::Postgres(s) = &*self.inner else { return Ok(()) };
+        let standing = s.standing().await?;
+        if standing.superuser {
+            tracing::warn!(
+                role = %standing.role,
+                "DATABASE_URL connects as a superuser, which row level security does not restrict; \
+                 connect as a member of tradeeon_service in production"
+            );
+            return Ok(());
+        }
+        if standing.owns_schema {
+            return Err(StoreError::ConnectsAsOwner { role: standing.role });
+        }
+        if !standing.serves {
+            return Err(StoreError::NotServiceMember { role: standing.role });
+        }
+        if !standing.user_role_has_auth {
+            return Err(StoreError::AuthNotGranted);
+        }
+        Ok(())
+    }
+
+    /// `tradeeon migrate` with `DATABASE_APP_URL`: makes that URL's user a login role with that
+    /// URL's password and membership in `tradeeon_service`. Returns the role's name.
+    #[tracing::instrument(skip_all, err)]
+    pub async fn provision_service_login(&self, app_url: &str) -> Result<String> {
+        let Inner::Postgres(s) = &*self.inner else {
+            return Err(StoreError::AppRole("applies to PostgreSQL only"));
+        };
+        let url = url::Url::parse(app_url).map_err(|_| StoreError::AppRole("is not a postgres:// URL"))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(StoreError::AppRole("is not a postgres:// URL"));
+        }
+        let login = percent_decoded(url.username()).ok_or(StoreError::AppRole("names no user"))?;
+        let password = url
+            .password()
+            .and_then(percent_decoded)
+            .map(zeroize::Zeroizing::new)
+            .ok_or(StoreError::AppRole("carries no password"))?;
+        s.provision_service_login(&login, &password).await?;
+        Ok(login)
+    }
+
     /// Closes the pools, waiting for checked-out connections to come back.
     pub async fn close(&self) {
         match &*self.inner {
@@ -467,7 +588,7 @@ impl Store {
     // User-scoped
     // ---------------------------------------------------------------------------------------
 
-    /// Begins a transaction acting for `user` (on PostgreSQL: role `authenticated`, JWT claims
+    /// Begins a transaction acting for `user` (on PostgreSQL: role `tradeeon_user`, JWT claims
     /// set, so RLS applies). Dropping it without [`UserTx::commit`] rolls back.
     #[tracing::instrument(skip_all, fields(user_id = %user.user_id), err)]
     pub async fn begin_user(&self, user: &UserContext) -> Result<UserTx> {

@@ -1,9 +1,11 @@
 //! PostgreSQL backend (plain PostgreSQL ≥ 13 or Supabase).
 //!
 //! User-scoped statements run on a transaction opened by [`begin_user`], which switches to the
-//! `authenticated` role and sets the JWT claims that `auth.uid()` reads, so Row Level Security
-//! filters them. Service statements run as the connecting user (the tables' owner), which RLS
-//! does not restrict.
+//! [`USER_ROLE`] and sets the JWT claims that `auth.uid()` reads, so Row Level Security filters
+//! them. Service statements run as the connecting login role, a member of [`SERVICE_ROLE`],
+//! whose policies let it see every row. The tables' owner runs `tradeeon migrate` only: RLS is
+//! forced, so as the owner the service would see nothing (see
+//! migrations/postgres/20261207000001_service_roles.sql).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -36,6 +38,24 @@ macro_rules! audit_columns {
     () => {
         "id, connection_id, action, host(ip_address) AS ip_address, user_agent, details, created_at"
     };
+}
+
+/// The role user-scoped transactions switch to (`SET LOCAL ROLE`).
+pub const USER_ROLE: &str = "tradeeon_user";
+/// The role whose members may act as the service: the API's and workers' login role.
+pub const SERVICE_ROLE: &str = "tradeeon_service";
+
+/// The connecting role's relation to the schema, for the checks at start.
+#[derive(Debug, Clone)]
+pub(super) struct RoleStanding {
+    pub(super) role: String,
+    pub(super) superuser: bool,
+    /// Owns `public.exchange_keys` (or is a member of its owner), or nothing is migrated yet.
+    pub(super) owns_schema: bool,
+    /// Has the privileges of [`SERVICE_ROLE`].
+    pub(super) serves: bool,
+    /// [`USER_ROLE`] may call `auth.uid()`, which every user policy does.
+    pub(super) user_role_has_auth: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -99,31 +119,107 @@ impl PgStore {
         migrator.run(&self.pool).await.map_err(|e| StoreError::Migrate { what: "tradeeon", source: Box::new(e) })
     }
 
-    pub(super) async fn ensure_user(&self, user: &UserContext) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        // On Supabase the auth row always exists (the JWT came from it) and auth.users belongs
-        // to Supabase: only write it when it is missing, i.e. on plain PostgreSQL.
-        let auth_row_exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM auth.users WHERE id = $1)")
-            .bind(user.user_id.0)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !auth_row_exists {
-            sqlx::query("INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
-                .bind(user.user_id.0)
-                .bind(user.email.as_deref())
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO public.users (id, email) VALUES ($1, COALESCE($2, $3))
-             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, updated_at = now()
-             WHERE $2::text IS NOT NULL AND users.email IS DISTINCT FROM $2::text",
+    /// What the connecting role is to the schema (see [`RoleStanding`]).
+    pub(super) async fn standing(&self) -> Result<RoleStanding> {
+        let row = sqlx::query(
+            "SELECT current_user::text AS role,
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+                    COALESCE((SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class
+                              WHERE oid = to_regclass('public.exchange_keys')), true) AS owns_schema,
+                    EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
+                        AND pg_has_role(current_user, $1, 'USAGE') AS serves,
+                    EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                            JOIN pg_roles r ON r.rolname = $2
+                            WHERE n.nspname = 'auth' AND p.proname = 'uid' AND p.pronargs = 0
+                              AND has_schema_privilege(r.oid, n.oid, 'USAGE')
+                              AND has_function_privilege(r.oid, p.oid, 'EXECUTE')) AS user_role_has_auth",
         )
-        .bind(user.user_id.0)
-        .bind(user.email.as_deref())
-        .bind(placeholder_email(user.user_id))
-        .execute(&mut *tx)
+        .bind(SERVICE_ROLE)
+        .bind(USER_ROLE)
+        .fetch_one(&self.pool)
         .await?;
+        Ok(RoleStanding {
+            role: row.try_get("role")?,
+            superuser: row.try_get("superuser")?,
+            owns_schema: row.try_get("owns_schema")?,
+            serves: row.try_get("serves")?,
+            user_role_has_auth: row.try_get("user_role_has_auth")?,
+        })
+    }
+
+    /// Whether some of our migrations are not applied yet (readable by the service's role).
+    pub(super) async fn migrations_pending(&self) -> Result<bool> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("public.{MIGRATIONS_TABLE}"))
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Ok(true);
+        }
+        let applied: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT version FROM public.{MIGRATIONS_TABLE} WHERE success"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let migrator = sqlx::migrate!("../migrations/postgres");
+        Ok(migrator.iter().any(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version)))
+    }
+
+    /// Makes `login` (with `password`) a login role that is a member of [`SERVICE_ROLE`]:
+    /// created if missing, its password set otherwise. The password travels as a SCRAM
+    /// verifier, never in clear text (a server logging statements would keep it).
+    pub(super) async fn provision_service_login(&self, login: &str, password: &str) -> Result<()> {
+        let verifier = super::scram::verifier(password)?;
+        let mut tx = self.pool.begin().await?;
+        // Two `tradeeon migrate` runs at once (say the API's and the worker's) take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tradeeon: service login'))").execute(&mut *tx).await?;
+        let row = sqlx::query(
+            "SELECT r.rolsuper AS superuser,
+                    pg_has_role(current_user, r.oid, 'USAGE')
+                        OR COALESCE((SELECT pg_has_role(r.oid, relowner, 'USAGE') FROM pg_class
+                                     WHERE oid = to_regclass('public.exchange_keys')), false) AS owner_like
+             FROM pg_roles r WHERE r.rolname = $1",
+        )
+        .bind(login)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = &row {
+            if row.try_get::<bool, _>("superuser")? || row.try_get::<bool, _>("owner_like")? {
+                return Err(StoreError::AppRole(
+                    "must name a login role of its own: not a superuser, not the tables' owner or one of its roles",
+                ));
+            }
+        }
+        let statement =
+            if row.is_some() { "ALTER ROLE %I WITH LOGIN PASSWORD %L" } else { "CREATE ROLE %I LOGIN PASSWORD %L" };
+        for statement in [statement, "GRANT tradeeon_service TO %I"] {
+            let sql: String = sqlx::query_scalar("SELECT format($1, $2, $3)")
+                .bind(statement)
+                .bind(login)
+                .bind(&verifier)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn ensure_user(&self, user: &UserContext) -> Result<()> {
+        match upsert_profile(&self.pool, user).await {
+            Err(StoreError::Database(sqlx::Error::Database(db))) if db.is_foreign_key_violation() => {}
+            done => return done,
+        }
+        // No auth.users row: plain PostgreSQL, where the stand-in is ours to fill. On Supabase the
+        // row always exists (the JWT came from it) and we may not write there, so this path is
+        // taken only when the first attempt says it must be.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO auth.users (id, email) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING")
+            .bind(user.user_id.0)
+            .bind(user.email.as_deref())
+            .execute(&mut *tx)
+            .await?;
+        upsert_profile(&mut *tx, user).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -444,7 +540,7 @@ impl PgStore {
 }
 
 /// Begins a transaction in which Row Level Security applies to `user`: the role becomes
-/// `authenticated` and `request.jwt.claims` holds the claims Supabase would set, which is what
+/// [`USER_ROLE`] and `request.jwt.claims` holds the claims Supabase would set, which is what
 /// `auth.uid()` reads. `set_config(.., true)` is `SET LOCAL` (what PostgREST does), so both end
 /// with the transaction and a pooled connection never leaks them into the next use.
 pub(super) async fn begin_user(pool: &PgPool, user: &UserContext) -> Result<Transaction<'static, Postgres>> {
@@ -455,10 +551,11 @@ pub(super) async fn begin_user(pool: &PgPool, user: &UserContext) -> Result<Tran
     });
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "SELECT set_config('role', 'authenticated', true),
+        "SELECT set_config('role', $2, true),
                 set_config('request.jwt.claims', $1, true)",
     )
     .bind(claims.to_string())
+    .bind(USER_ROLE)
     .execute(&mut *tx)
     .await?;
     Ok(tx)
@@ -470,6 +567,21 @@ pub(super) async fn leave_user_scope(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT set_config('role', 'none', true), set_config('request.jwt.claims', '', true)")
         .execute(&mut *conn)
         .await?;
+    Ok(())
+}
+
+/// The user's profile row: inserted, or its email replaced by a given one.
+async fn upsert_profile(db: impl sqlx::PgExecutor<'_>, user: &UserContext) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO public.users (id, email) VALUES ($1, COALESCE($2, $3))
+         ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, updated_at = now()
+         WHERE $2::text IS NOT NULL AND users.email IS DISTINCT FROM $2::text",
+    )
+    .bind(user.user_id.0)
+    .bind(user.email.as_deref())
+    .bind(placeholder_email(user.user_id))
+    .execute(db)
+    .await?;
     Ok(())
 }
 

@@ -156,7 +156,7 @@ async fn drop_stale_databases() {
                     .await;
             }
         }
-        // Roles made by `rls::non_superuser_can_migrate_*` whose test was killed.
+        // Login roles made by `rls` and `roles` cases whose test was killed.
         let roles: Vec<String> =
             sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'tradeeon\\_test\\_%'")
                 .fetch_all(&mut admin)

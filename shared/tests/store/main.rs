@@ -1,6 +1,6 @@
 //! Contract suite for `tradeeon_shared::store`: every case runs against PostgreSQL and SQLite,
 //! each on a database of its own (see `harness`). PostgreSQL-only cases check Row Level
-//! Security and the Supabase compatibility of the migrations.
+//! Security, the Supabase compatibility of the migrations and the database roles (`roles`).
 //!
 //! Run: `cargo test -p tradeeon-shared --test store` (needs PostgreSQL at
 //! `TEST_DATABASE_ADMIN_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
@@ -16,6 +16,7 @@ mod pool;
 mod rewrap;
 mod rewrap_command;
 mod rls;
+mod roles;
 mod service;
 mod setup;
 mod users;

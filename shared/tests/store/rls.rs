@@ -6,10 +6,10 @@ use tradeeon_shared::store::{AuditEntryInput, HealthRecord, Store, StoreError, U
 
 use crate::harness::{new_connection, user, with_postgres_database};
 
-/// What PostgREST does for a request with `user`'s JWT, on a raw connection.
+/// What the store's user scope does (`begin_user`), on a raw connection.
 async fn as_user(pool: &PgPool, user: Option<UserId>) -> Transaction<'static, Postgres> {
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE authenticated").execute(&mut *tx).await.unwrap();
+    sqlx::query("SET LOCAL ROLE tradeeon_user").execute(&mut *tx).await.unwrap();
     if let Some(user) = user {
         let claims = format!(r#"{{"sub":"{user}","role":"authenticated"}}"#);
         sqlx::query("SELECT set_config('request.jwt.claims', $1, true)").bind(claims).execute(&mut *tx).await.unwrap();
@@ -106,7 +106,8 @@ async fn rls_rejects_writes_for_another_user(store: Store) {
     assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
     drop(tx);
 
-    // ...and Bob's rows are invisible to her updates and deletes.
+    // ...and Bob's rows are invisible to her updates; nobody deletes (connections are
+    // soft-deleted).
     let mut tx = as_user(pool, Some(alice.user_id)).await;
     let touched = sqlx::query("UPDATE public.exchange_keys SET nickname = 'mine' WHERE id = $1")
         .bind(bob_conn.0)
@@ -115,14 +116,15 @@ async fn rls_rejects_writes_for_another_user(store: Store) {
         .unwrap()
         .rows_affected();
     assert_eq!(touched, 0);
-    let deleted = sqlx::query("DELETE FROM public.exchange_keys WHERE id = $1")
-        .bind(bob_conn.0)
+    tx.commit().await.unwrap();
+    let mut tx = as_user(pool, Some(alice.user_id)).await;
+    let err = sqlx::query("DELETE FROM public.exchange_keys WHERE id = $1")
+        .bind(alice_conn.0)
         .execute(&mut *tx)
         .await
-        .unwrap()
-        .rows_affected();
-    assert_eq!(deleted, 0);
-    tx.commit().await.unwrap();
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "no DELETE privilege: {err}");
+    drop(tx);
 
     // Audit rows: not for Bob, not about Bob's connection, and her own are append-only.
     for (user_id, connection_id) in [(bob.user_id.0, None), (alice.user_id.0, Some(bob_conn.0))] {
@@ -164,9 +166,9 @@ async fn rls_rejects_writes_for_another_user(store: Store) {
     assert_eq!(store.list_audit(&bob, 10, None).await.unwrap().len(), 1);
 }
 
-/// The store's user-scoped methods really run as `authenticated` under RLS: take the role's
+/// The store's user-scoped methods really run as `tradeeon_user` under RLS: take the role's
 /// privilege away and they fail; make the policy deny everything and they see nothing — while the
-/// service path (the table owner) is unaffected.
+/// service path (here a superuser, which RLS never restricts) is unaffected.
 async fn store_user_path_runs_under_rls(store: Store) {
     let (alice, _bob, alice_conn, _) = seed(&store).await;
     let pool = store.pg_pool().unwrap();
@@ -182,7 +184,7 @@ async fn store_user_path_runs_under_rls(store: Store) {
     assert!(matches!(err, StoreError::NotFound), "{err:?}");
     assert!(store.load_credentials(alice_conn).await.unwrap().is_some(), "service path bypasses RLS");
 
-    sqlx::query("REVOKE SELECT ON public.connection_audit_log FROM authenticated").execute(pool).await.unwrap();
+    sqlx::query("REVOKE SELECT ON public.connection_audit_log FROM tradeeon_user").execute(pool).await.unwrap();
     let err = store.list_audit(&alice, 10, None).await.unwrap_err();
     let StoreError::Database(db) = &err else { panic!("{err:?}") };
     assert_eq!(sqlstate(db).as_deref(), Some("42501"), "{db}");
@@ -317,11 +319,11 @@ postgres_only!(
     store_user_path_runs_under_rls,
 );
 
-/// Supabase's `postgres` user is not a superuser. A non-superuser owner of the database can
-/// migrate; user-scoped calls need membership in `authenticated` (a warning, not a failed
-/// migration, when the migration cannot grant it itself).
+/// Supabase's `postgres` user is not a superuser. A non-superuser owner without CREATEROLE can
+/// migrate when an administrator created the service's roles beforehand; the service then
+/// refuses to run as that owner, which forced RLS would show no rows.
 #[tokio::test]
-async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
+async fn non_superuser_owner_can_migrate_when_the_roles_exist() {
     let role = format!("tradeeon_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
     let admin_url = crate::harness::admin_url();
     let mut admin = PgConnection::connect(&admin_url).await.unwrap();
@@ -330,9 +332,27 @@ async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
         "DO $$ BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
                  CREATE ROLE authenticated NOLOGIN NOINHERIT; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
              IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
                  CREATE ROLE service_role NOLOGIN NOINHERIT; END IF;
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anon') THEN
+                 CREATE ROLE anon NOLOGIN NOINHERIT; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tradeeon_user') THEN
+                 CREATE ROLE tradeeon_user NOLOGIN NOINHERIT; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tradeeon_service') THEN
+                 CREATE ROLE tradeeon_service NOLOGIN; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN
+             IF NOT pg_has_role('tradeeon_service', 'tradeeon_user', 'MEMBER') THEN
+                 GRANT tradeeon_user TO tradeeon_service; END IF;
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
     )
     .execute(&mut admin)
     .await
@@ -354,18 +374,13 @@ async fn non_superuser_can_migrate_and_needs_membership_in_authenticated() {
 
         let store = Store::connect(url.as_str(), 2).await.unwrap();
         store.migrate().await.expect("a non-superuser owner can migrate");
-        let alice = user(&store).await;
-        let err = store.list_connections(&alice).await.unwrap_err();
-        let StoreError::Database(db_err) = &err else { panic!("{err:?}") };
-        assert_eq!(sqlstate(db_err).as_deref(), Some("42501"), "cannot SET ROLE yet: {db_err}");
-
-        sqlx::query(sqlx::AssertSqlSafe(format!("GRANT authenticated TO {role}")))
-            .execute(&mut superuser)
-            .await
-            .unwrap();
-        let conn = store.upsert_connection(&alice, new_connection(Exchange::Binance, "n"), None).await.unwrap();
-        assert_eq!(store.list_connections(&alice).await.unwrap(), vec![conn]);
         store.migrate().await.expect("re-run is a no-op");
+        store.migrate_on_start().await.expect("the owner may migrate on start");
+        let err = store.check_service_role().await.unwrap_err();
+        assert!(matches!(err, StoreError::ConnectsAsOwner { .. }), "{err:?}");
+        let err = store.ensure_user(&crate::harness::new_user()).await.unwrap_err();
+        let StoreError::Database(db_err) = &err else { panic!("{err:?}") };
+        assert_eq!(sqlstate(db_err).as_deref(), Some("42501"), "forced RLS: {db_err}");
         store.close().await;
         superuser.close().await.unwrap();
     }))
