@@ -44,9 +44,17 @@ def ref(name: str) -> dict:
 
 
 def container(template: dict, task_definition: str) -> dict:
-    definitions = template["Resources"][task_definition]["Properties"]["ContainerDefinitions"]
-    check(len(definitions) == 1, f"{task_definition} should have exactly one container")
-    return definitions[0]
+    """The task's service container; the only other one allowed is the conditional `migrate`."""
+    definitions = entries(template["Resources"][task_definition]["Properties"]["ContainerDefinitions"])
+    services = [d for d in definitions if d.get("Name") != "migrate"]
+    check(len(services) == 1, f"{task_definition} should have exactly one service container besides `migrate`")
+    return services[0]
+
+
+def migrate_container(template: dict, task_definition: str) -> dict | None:
+    definitions = entries(template["Resources"][task_definition]["Properties"]["ContainerDefinitions"])
+    found = [d for d in definitions if d.get("Name") == "migrate"]
+    return found[0] if found else None
 
 
 def environment(definition: dict) -> dict:
@@ -111,6 +119,36 @@ def check_containers(template: dict, rust: str) -> None:
         secrets == {"DATABASE_URL", "ENCRYPTION_KEY"},
         f"worker: Secrets must be exactly DATABASE_URL and ENCRYPTION_KEY, got {sorted(secrets)}",
     )
+
+    # Migrations run as the tables' owner in a container of their own that finishes before the
+    # service starts; the service connects as a role that owns nothing (docs/operations.md).
+    for task, name, definition in (("ApiTaskDefinition", "api", api), ("WorkerTaskDefinition", "worker", worker)):
+        migrate = migrate_container(template, task)
+        check(migrate is not None, f"{task}: a `migrate` container must run before {name}")
+        if migrate is None:
+            continue
+        check(migrate.get("Command") == ["migrate"], f"{task}: the migrate container must run `tradeeon migrate`")
+        check(migrate.get("Essential") is False, f"{task}: the migrate container exits; it must not be essential")
+        check(migrate.get("ReadonlyRootFilesystem") is True, f"{task}: migrate: the root filesystem should be read-only")
+        migrate_secrets = {s["Name"]: s["ValueFrom"] for s in migrate.get("Secrets", [])}
+        check(
+            set(migrate_secrets) == {"DATABASE_URL", "DATABASE_APP_URL"},
+            f"{task}: migrate gets exactly DATABASE_URL (owner) and DATABASE_APP_URL, got {sorted(migrate_secrets)}",
+        )
+        service_url = {s["Name"]: s["ValueFrom"] for s in entries(definition.get("Secrets", []))}.get("DATABASE_URL")
+        check(
+            migrate_secrets.get("DATABASE_APP_URL") == service_url,
+            f"{task}: DATABASE_APP_URL must be the {name}'s DATABASE_URL (the login role migrate provisions)",
+        )
+        check(
+            migrate_secrets.get("DATABASE_URL") != service_url,
+            f"{task}: {name} must not connect with the owner's DATABASE_URL",
+        )
+        check(
+            definition.get("DependsOn")
+            == {"Fn::If": ["RunsMigrations", [{"ContainerName": "migrate", "Condition": "SUCCESS"}], {"Ref": "AWS::NoValue"}]},
+            f"{task}: {name} must start only after migrate succeeded",
+        )
 
     env = environment(api)
     for variable, value in {"API_HOST": "0.0.0.0", "API_PORT": "8000", "TRUST_PROXY": "true"}.items():
