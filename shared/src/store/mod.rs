@@ -121,6 +121,17 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The role a `postgres://` URL signs in as. Supabase's pooler (Supavisor) takes the user as
+/// `role.PROJECT` and signs in as `role`.
+fn login_role_of(url: &url::Url) -> Option<String> {
+    let user = percent_decoded(url.username())?;
+    let pooled = url.host_str().is_some_and(|host| host.ends_with(".pooler.supabase.com"));
+    match user.split_once('.') {
+        Some((role, _project)) if pooled && !role.is_empty() => Some(role.to_owned()),
+        _ => Some(user),
+    }
+}
+
 /// A URL component with its `%XX` escapes undone; `None` if empty or not UTF-8.
 fn percent_decoded(component: &str) -> Option<String> {
     let bytes = component.as_bytes();
@@ -563,7 +574,7 @@ impl Store {
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             return Err(StoreError::AppRole("is not a postgres:// URL"));
         }
-        let login = percent_decoded(url.username()).ok_or(StoreError::AppRole("names no user"))?;
+        let login = login_role_of(&url).ok_or(StoreError::AppRole("names no user"))?;
         let password = url
             .password()
             .and_then(percent_decoded)
@@ -905,5 +916,23 @@ impl UserTx {
             }
             Tx::Sqlite(tx) => ServiceTx::Sqlite(tx),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_role_of_a_url() {
+        let role = |url: &str| login_role_of(&url::Url::parse(url).unwrap());
+        assert_eq!(role("postgres://tradeeon_app:pw@db.internal:5432/tradeeon").as_deref(), Some("tradeeon_app"));
+        assert_eq!(
+            role("postgres://tradeeon_app.abcdefgh:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres").as_deref(),
+            Some("tradeeon_app")
+        );
+        assert_eq!(role("postgres://odd.name:pw@db.internal/x").as_deref(), Some("odd.name"));
+        assert_eq!(role("postgres://app%2Drole:pw@db.internal/x").as_deref(), Some("app-role"));
+        assert_eq!(role("postgres://db.internal/x"), None);
     }
 }

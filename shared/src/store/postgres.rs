@@ -183,12 +183,12 @@ impl PgStore {
         .bind(login)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(row) = &row {
-            if row.try_get::<bool, _>("superuser")? || row.try_get::<bool, _>("owner_like")? {
-                return Err(StoreError::AppRole(
-                    "must name a login role of its own: not a superuser, not the tables' owner or one of its roles",
-                ));
-            }
+        if let Some(row) = &row
+            && (row.try_get::<bool, _>("superuser")? || row.try_get::<bool, _>("owner_like")?)
+        {
+            return Err(StoreError::AppRole(
+                "must name a login role of its own: not a superuser, not the tables' owner or one of its roles",
+            ));
         }
         let statement =
             if row.is_some() { "ALTER ROLE %I WITH LOGIN PASSWORD %L" } else { "CREATE ROLE %I LOGIN PASSWORD %L" };
