@@ -362,7 +362,7 @@ async fn service_login_serves_users_and_workers_but_not_the_schema(s: Supabase) 
     assert!(listed.contains(&kraken.id) && listed.contains(&s.alice_conn));
     assert_eq!(app.get_connection(&s.alice, s.bob_conn).await.unwrap(), None);
     assert_eq!(app.list_audit(&s.bob, 10, None).await.unwrap().len(), 1);
-    assert_eq!(app.list_health_history(&s.alice, s.alice_conn, 10).await.unwrap().len(), 1);
+    assert_eq!(app.list_health_history(&s.alice, s.alice_conn, 10, None).await.unwrap().len(), 1);
     app.revoke_connection(&s.alice, kraken.id, AuditEntryInput::new(AuditAction::Revoked)).await.unwrap();
 
     // Worker path: every user's rows.
