@@ -223,13 +223,25 @@ async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    // One registry per process: in `serve` the API's `/metrics` shows the workers' metrics too.
+    // One registry and one metrics listener per process: in `serve` the API's metrics listener
+    // shows the workers' metrics too.
     let registry = prometheus::Registry::new();
     let mut tasks = tokio::task::JoinSet::new();
     if role != Role::Worker {
         let address = std::net::SocketAddr::new(config.http.host, config.http.port);
         let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;
+        // A port apart from the API's: the load balancer forwards only API_PORT.
+        let metrics_address = std::net::SocketAddr::new(config.http.host, config.metrics.api_port);
+        let metrics_listener = TcpListener::bind(metrics_address)
+            .await
+            .with_context(|| format!("could not listen on {metrics_address} (API_METRICS_PORT)"))?;
         tracing::info!("API listening on http://{}", listener.local_addr()?);
+        tracing::info!("metrics listening on http://{}/metrics", metrics_listener.local_addr()?);
+        let metrics_registry = registry.clone();
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            tradeeon_api::run_metrics(metrics_listener, metrics_registry, stop).await.context("metrics listener failed")
+        });
         let mut state = tradeeon_api::AppState::new(&config, store.clone(), keyring.clone(), registry.clone())?;
         if let Some(secret) = &local_secret {
             state = state.with_local_sign_in(local_sign_in(secret, &config, listener.local_addr()?));

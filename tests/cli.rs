@@ -131,12 +131,15 @@ fn rewrap_on_sqlite_needs_the_key_file_and_reports() {
 struct Server {
     child: Child,
     base: String,
+    /// The metrics listener (`API_METRICS_PORT`), e.g. `http://127.0.0.1:41234/metrics`.
+    metrics_url: String,
 }
 
 impl Server {
     fn start(dir: &Path) -> Server {
         let mut child = tradeeon(dir)
             .env("API_PORT", "0")
+            .env("API_METRICS_PORT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -146,13 +149,19 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("API listening on http://") {
-                    let _ = tx.send(line[at + "API listening on ".len()..].trim().to_string());
+                for announcement in ["API listening on ", "metrics listening on "] {
+                    if let Some(at) = line.find(&format!("{announcement}http://")) {
+                        let _ = tx.send((announcement, line[at + announcement.len()..].trim().to_string()));
+                    }
                 }
             }
         });
-        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server announced its address");
-        Server { child, base }
+        let (mut base, mut metrics_url) = (None, None);
+        while base.is_none() || metrics_url.is_none() {
+            let (announcement, url) = rx.recv_timeout(Duration::from_secs(60)).expect("server announced its addresses");
+            if announcement.starts_with("API") { base = Some(url) } else { metrics_url = Some(url) }
+        }
+        Server { child, base: base.unwrap(), metrics_url: metrics_url.unwrap() }
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
@@ -175,6 +184,19 @@ impl Drop for Server {
     }
 }
 
+#[test]
+fn a_taken_metrics_port_is_one_line_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = run(tradeeon(dir.path())
+        .arg("serve")
+        .env("RUST_LOG", "error")
+        .env("API_PORT", "0")
+        .env("API_METRICS_PORT", &port));
+    assert_one_line_error(&output, "API_METRICS_PORT");
+}
+
 #[tokio::test]
 async fn serve_runs_with_no_configuration_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -190,11 +212,21 @@ async fn serve_runs_with_no_configuration_and_stops_on_sigterm() {
     assert_eq!(missing.status(), 404);
     assert_eq!(missing.json::<serde_json::Value>().await.unwrap()["error"]["code"], "not_found");
 
-    // One registry: the API's /metrics shows the workers' metrics too.
-    let metrics = http.get(format!("{}/metrics", server.base)).send().await.unwrap().text().await.unwrap();
+    // The metrics have a listener of their own (the load balancer forwards only API_PORT): the
+    // API's port has no /metrics, and one registry shows the workers' metrics beside the API's.
+    let public = http.get(format!("{}/metrics", server.base)).send().await.unwrap();
+    assert_eq!(public.status(), 404);
+    assert_ne!(server.metrics_url, format!("{}/metrics", server.base));
+    let response = http.get(&server.metrics_url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let metrics = response.text().await.unwrap();
     for name in ["tradeeon_http_requests_total", "tradeeon_queue_depth", "tradeeon_sweeps_completed_total"] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
+    assert!(
+        metrics.contains(r#"tradeeon_http_requests_total{method="GET",route="unmatched",status="404"} 2"#),
+        "{metrics}"
+    );
 
     // The embedded default generated its key privately, beside the database.
     let key_file = dir.path().join("data/encryption.key");

@@ -79,8 +79,9 @@ pub struct SharedState {
     pub store: Store,
     /// Encrypts incoming credentials. The API holds the keys but never decrypts stored secrets.
     pub keyring: Arc<Keyring>,
-    /// The process's one metrics registry, rendered by `GET /metrics`. Clone it (it is an `Arc`
-    /// inside) to register other components' metrics, e.g. the workers' in `tradeeon serve`.
+    /// The process's one metrics registry, rendered by the metrics listener ([`run_metrics`]).
+    /// Clone it (it is an `Arc` inside) to register other components' metrics, e.g. the workers'
+    /// in `tradeeon serve`.
     pub registry: prometheus::Registry,
     auth: Arc<Authenticator>,
     settings: Arc<Settings>,
@@ -240,6 +241,16 @@ async fn method_not_allowed() -> ApiError {
         message: "This path does not support that method.".into(),
         field: None,
     })
+}
+
+/// Serves the metrics listener (`GET /metrics` over `registry`, nothing else) on `listener`, a
+/// port apart from the API's (`API_METRICS_PORT`), until `shutdown` resolves.
+pub async fn run_metrics(
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    metrics::serve(listener, registry, shutdown).await
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.

@@ -1,14 +1,19 @@
 //! The API's metrics, named once here and registered in the process's one
-//! [`prometheus::Registry`] (`AppState::registry`), which `/metrics` renders. The workers register
-//! their own metrics in the same registry, so one scrape shows the whole process.
+//! [`prometheus::Registry`] (`AppState::registry`), which the metrics listener ([`serve`]) renders.
+//! The workers register their own metrics in the same registry, so one scrape shows the whole
+//! process.
 
+use std::future::Future;
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use tokio::net::TcpListener;
 use tradeeon_shared::jobs::JobKind;
 
 use crate::{ApiError, AppState};
@@ -105,16 +110,26 @@ pub async fn not_found(State(state): State<AppState>, request: Request) -> Respo
     response
 }
 
+/// The metrics listener's routes: `GET /metrics` renders `registry`; everything else is 404.
+/// It listens on a port of its own (`API_METRICS_PORT`), never on the public router: the load
+/// balancer forwards only `API_PORT`, and the metrics are for scrapers inside the VPC.
+pub fn router(registry: Registry) -> Router {
+    Router::new().route("/metrics", get(render)).with_state(registry)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry)).with_graceful_shutdown(shutdown).await
+}
+
 /// `GET /metrics`: the registry in the Prometheus text format.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"))
-)]
-pub async fn render(State(state): State<AppState>) -> Result<Response, ApiError> {
+async fn render(State(registry): State<Registry>) -> Result<Response, ApiError> {
     let text = prometheus::TextEncoder::new()
-        .encode_to_string(&state.registry.gather())
+        .encode_to_string(&registry.gather())
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut response = text.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(prometheus::TEXT_FORMAT));

@@ -33,7 +33,7 @@ use crate::AppState;
         (name = "jobs", description = "Status of queued work"),
         (name = "zerodha", description = "The Kite Connect login flow"),
         (name = "catalog", description = "Supported exchanges and egress IPs (public)"),
-        (name = "operations", description = "Health, readiness, metrics, this document (public)"),
+        (name = "operations", description = "Health, readiness, this document (public)"),
     )
 )]
 pub struct ApiDoc;

@@ -331,7 +331,8 @@ pub struct EgressConfig {
     pub ips: Vec<IpAddr>,
 }
 
-/// Where the workers' metrics go: Prometheus on their own listener, and CloudWatch.
+/// Where the metrics go: Prometheus on listeners of their own, apart from the API's public port,
+/// and (the workers') CloudWatch.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MetricsConfig {
     /// `METRICS_PUBLISHER` — `cloudwatch` (default) or `none`. With `cloudwatch` the workers push
@@ -347,10 +348,15 @@ pub struct MetricsConfig {
     #[serde(rename = "METRICS_PUBLISH_INTERVAL=60", deserialize_with = "publish_interval")]
     pub publish_interval: Duration,
     /// `WORKER_METRICS_PORT` — port of `tradeeon worker`'s own `/metrics` listener, on the
-    /// `API_HOST` address. Default 9100. (`tradeeon serve` shows the same metrics on the API's
-    /// `/metrics`.)
+    /// `API_HOST` address. Default 9100.
     #[serde(rename = "WORKER_METRICS_PORT=9100", deserialize_with = "at_least::<_, _, 0>")]
     pub worker_port: u16,
+    /// `API_METRICS_PORT` — port of the `/metrics` listener of `tradeeon api` and `tradeeon serve`
+    /// (where it shows the workers' metrics too), on the `API_HOST` address. A port of its own:
+    /// the load balancer forwards only `API_PORT`, so the metrics never face the internet.
+    /// Default 9101.
+    #[serde(rename = "API_METRICS_PORT=9101", deserialize_with = "at_least::<_, _, 0>")]
+    pub api_port: u16,
 }
 
 /// `METRICS_PUBLISHER`.
@@ -592,6 +598,7 @@ mod tests {
         assert_eq!(c.cloudwatch_namespace, DEFAULT_CLOUDWATCH_NAMESPACE);
         assert_eq!(c.publish_interval, Duration::from_secs(60));
         assert_eq!(c.worker_port, 9100);
+        assert_eq!(c.api_port, 9101);
 
         let c = WorkerConfig::default();
         assert!(c.rate_limits.enabled);
@@ -675,11 +682,13 @@ mod tests {
             ("CLOUDWATCH_NAMESPACE", "Tradeeon/Staging"),
             ("METRICS_PUBLISH_INTERVAL", "30s"),
             ("WORKER_METRICS_PORT", "9200"),
+            ("API_METRICS_PORT", "9201"),
         ]);
         assert_eq!(c.publisher, MetricsPublisher::None);
         assert_eq!(c.cloudwatch_namespace, "Tradeeon/Staging");
         assert_eq!(c.publish_interval, Duration::from_secs(30));
         assert_eq!(c.worker_port, 9200);
+        assert_eq!(c.api_port, 9201);
         assert_eq!(metrics(&[("METRICS_PUBLISH_INTERVAL", "90")]).publish_interval, Duration::from_secs(90));
         assert_eq!(metrics(&[("METRICS_PUBLISH_INTERVAL", "2m")]).publish_interval, Duration::from_secs(120));
 
@@ -704,6 +713,7 @@ mod tests {
             ("EGRESS_IPS", "52.1.2.3,not-an-ip"),
             ("API_PORT", "eighty"),
             ("API_PORT", "70000"),
+            ("API_METRICS_PORT", "-1"),
             ("LOG_FORMAT", "xml"),
             ("CORS_ORIGINS", "https://app.tradeeon.com/path"),
             ("BINANCE_BASE_URL", "ftp://example.com"),

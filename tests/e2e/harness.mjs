@@ -23,7 +23,7 @@ export const EGRESS_IPS = ['203.0.113.10', '198.51.100.7'];
 /** Variables of the developer's environment that must not leak into the server. */
 const SERVER_VARIABLES = [
   'DATABASE_URL', 'DATABASE_MAX_CONNECTIONS', 'MIGRATE_ON_START', 'ENCRYPTION_KEY', 'SUPABASE_URL',
-  'SUPABASE_JWT_SECRET', 'JWT_AUDIENCE', 'PORTAL_SIGNIN_URL', 'API_HOST', 'API_PORT', 'CORS_ORIGINS', 'TRUST_PROXY', 'LOG_FORMAT',
+  'SUPABASE_JWT_SECRET', 'JWT_AUDIENCE', 'PORTAL_SIGNIN_URL', 'API_HOST', 'API_PORT', 'API_METRICS_PORT', 'CORS_ORIGINS', 'TRUST_PROXY', 'LOG_FORMAT',
   'EGRESS_IPS', 'HEALTH_SWEEP_INTERVAL', 'METRICS_PUBLISHER', 'API_USER_RATE_LIMIT_PER_MINUTE', 'RUST_LOG',
   'KITE_LOGIN_URL', 'AWS_ENDPOINT_URL', 'AWS_REGION', 'AWS_DEFAULT_REGION',
 ];
@@ -67,6 +67,7 @@ export async function startServer(name, settings = {}) {
     DATABASE_URL: `sqlite://${path.join(dir, 'data', 'tradeeon.db')}`,
     API_HOST: '127.0.0.1',
     API_PORT: '0',
+    API_METRICS_PORT: '0',
     EGRESS_IPS: EGRESS_IPS.join(','),
     METRICS_PUBLISHER: 'none',
     // Sweeps would add health checks (and audit rows) at moments the tests do not control.

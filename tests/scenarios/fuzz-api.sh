@@ -62,8 +62,9 @@ trap 'exit 143' TERM INT HUP
 psql -q -X -v ON_ERROR_STOP=1 "$admin_url" -c "CREATE DATABASE $db" >/dev/null
 db_url=$("$py" -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$admin_url" "$db")
 
-# A free loopback port: bind port 0, read it back, release it for the server.
-port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Two free loopback ports (the API's and its metrics listener's): bind port 0 twice, read them
+# back, release them for the server.
+read -r port metrics_port < <("$py" -c 'import socket; s = [socket.socket() for _ in range(2)]; [x.bind(("127.0.0.1", 0)) for x in s]; print(*(x.getsockname()[1] for x in s))')
 base=http://127.0.0.1:$port
 export FUZZ_JWT_SECRET
 FUZZ_JWT_SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
@@ -78,7 +79,7 @@ say "starting tradeeon serve --simulate on $base (database $db)"
   exec env -i PATH="$PATH" HOME="$work" \
     DATABASE_URL="$db_url" DATABASE_MAX_CONNECTIONS=10 \
     ENCRYPTION_KEY="$encryption_key" SUPABASE_JWT_SECRET="$FUZZ_JWT_SECRET" \
-    API_HOST=127.0.0.1 API_PORT="$port" API_USER_RATE_LIMIT_PER_MINUTE=1000000 \
+    API_HOST=127.0.0.1 API_PORT="$port" API_METRICS_PORT="$metrics_port" API_USER_RATE_LIMIT_PER_MINUTE=1000000 \
     METRICS_PUBLISHER=none HEALTH_SWEEP_INTERVAL=1h LOG_FORMAT=json RUST_LOG=warn \
     "$bin" serve --simulate
 ) >"$work/server.log" 2>&1 &
@@ -113,7 +114,7 @@ say "schemathesis finished in $(($(date +%s) - started)) s (exit $st_status)"
 probe_status=0
 "$py" "$here/fuzz_api.py" probe "$base" "$FUZZ_SEED_FILE" || probe_status=$?
 summary_status=0
-"$py" "$here/fuzz_api.py" summary "$base" "$work/server.log" || summary_status=$?
+"$py" "$here/fuzz_api.py" summary "http://127.0.0.1:$metrics_port/metrics" "$work/server.log" || summary_status=$?
 if [ "$st_status" -ne 0 ] || [ "$probe_status" -ne 0 ] || [ "$summary_status" -ne 0 ]; then
   echo "fuzz-api: FAILED; replay with FUZZ_SEED=$seed FUZZ_MAX_EXAMPLES=$max_examples $0" >&2
   echo "--- the server's last warnings and errors ---" >&2

@@ -6,8 +6,9 @@
                                   UTF-8, broken bodies and encodings, odd headers and tokens) to
                                   every documented operation; exit 1 unless each answer is a
                                   documented status, never 5xx, with the JSON error body
-  fuzz_api.py summary BASE LOG    print the server's own count of answers by status; exit 1 on
-                                  any 5xx or a panic in LOG
+  fuzz_api.py summary METRICS LOG print the server's own count of answers by status (from its
+                                  metrics listener, METRICS = http://HOST:PORT/metrics); exit 1
+                                  on any 5xx or a panic in LOG
 
 The JWT secret and the token travel in the environment (FUZZ_JWT_SECRET, FUZZ_TOKEN), never in
 argv, where `ps` would show them.
@@ -280,9 +281,9 @@ METRIC = re.compile(r'^tradeeon_http_requests_total\{(?P<labels>(?:\w+="(?:[^"\\
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def summary(base: str, log_path: str) -> int:
+def summary(metrics_url: str, log_path: str) -> int:
     """Prints what the server itself counted (independent of schemathesis' own bookkeeping)."""
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     by_status: dict[str, int] = {}
     server_errors: list[str] = []

@@ -418,6 +418,7 @@ impl Scenario {
             .env("SUPABASE_JWT_SECRET", JWT_SECRET)
             .env("API_HOST", "127.0.0.1")
             .env("API_PORT", "0")
+            .env("API_METRICS_PORT", "0")
             .env("API_USER_RATE_LIMIT_PER_MINUTE", "100000")
             .env("WORKER_METRICS_PORT", "0")
             .env("METRICS_PUBLISHER", "none")

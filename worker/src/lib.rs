@@ -42,7 +42,8 @@ pub struct WorkerContext {
     pub config: Config,
     /// The one Prometheus registry of the process (`tradeeon serve` shares it with the API).
     pub registry: Registry,
-    /// Where to serve `/metrics` of this process; `None` when the API already does (`serve`).
+    /// Where to serve `/metrics` of this process; `None` when the API's metrics listener already
+    /// does (`serve`).
     pub metrics_listener: Option<TcpListener>,
 }
 

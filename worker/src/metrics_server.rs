@@ -1,6 +1,6 @@
 //! The worker's own `/metrics` listener (`tradeeon worker`, on `API_HOST`:`WORKER_METRICS_PORT`):
 //! the process's Prometheus registry in the text exposition format. `tradeeon serve` does not
-//! start it: the API's `/metrics` renders the same registry there.
+//! start it: the API's metrics listener (`API_METRICS_PORT`) renders the same registry there.
 
 use std::future::Future;
 

@@ -422,6 +422,7 @@ async fn publishing_is_off_when_configured_so() {
         cloudwatch_namespace: "Tradeeon/Connections".into(),
         publish_interval: Duration::from_secs(60),
         worker_port: 9100,
+        api_port: 9101,
     };
     assert!(CloudWatchPublisher::from_config(&config, metrics).await.is_none());
 }

@@ -1,4 +1,5 @@
-//! Liveness, readiness, metrics and the OpenAPI document: no authentication.
+//! Liveness, readiness and the OpenAPI document: no authentication. (The metrics have a listener
+//! of their own: `crate::metrics::serve`.)
 
 use std::time::Duration;
 
@@ -15,11 +16,7 @@ use crate::{ApiError, AppState};
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(health))
-        .routes(routes!(ready))
-        .routes(routes!(crate::metrics::render))
-        .routes(routes!(crate::openapi::document))
+    OpenApiRouter::new().routes(routes!(health)).routes(routes!(ready)).routes(routes!(crate::openapi::document))
 }
 
 /// Liveness: no I/O, so a slow database never gets a healthy task killed.

@@ -283,6 +283,8 @@ pub struct TestApp {
     /// Where a SQLite database lives (to grep its files).
     pub sqlite_dir: Option<PathBuf>,
     pub metrics_registry: prometheus::Registry,
+    /// The metrics listener (`API_METRICS_PORT` in production), apart from `base`.
+    pub metrics_base: String,
 }
 
 impl TestApp {
@@ -293,6 +295,11 @@ impl TestApp {
     pub fn user(&self) -> TestUser {
         let id = Uuid::new_v4();
         TestUser { id, token: hs256(&self.jwks.claims(id), JWT_SECRET) }
+    }
+
+    /// `GET /metrics` on the metrics listener.
+    pub async fn metrics(&self) -> reqwest::Response {
+        self.client.get(format!("{}/metrics", self.metrics_base)).send().await.expect("metrics listener answers")
     }
 
     pub async fn get(&self, path: &str, user: Option<&TestUser>) -> reqwest::Response {
@@ -455,6 +462,12 @@ async fn start_and_run<F, Fut>(
     let server = tokio::spawn(tradeeon_api::run(listener, state, async move {
         let _ = stop_rx.await;
     }));
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+    let metrics_addr = metrics_listener.local_addr().expect("metrics addr");
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(tradeeon_api::run_metrics(metrics_listener, registry.clone(), async move {
+        let _ = metrics_stopped.await;
+    }));
     let app = TestApp {
         backend,
         base: format!("http://{addr}"),
@@ -465,10 +478,13 @@ async fn start_and_run<F, Fut>(
         jwks,
         sqlite_dir,
         metrics_registry: registry,
+        metrics_base: format!("http://{metrics_addr}"),
     };
     case(app).await;
     let _ = stop_tx.send(());
+    let _ = stop_metrics.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), metrics_server).await;
     store.close().await;
 }
 

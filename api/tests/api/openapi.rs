@@ -58,7 +58,6 @@ async fn the_document_matches_the_handlers(app: TestApp) {
     for (template, path) in [
         ("/health", "/health"),
         ("/ready", "/ready"),
-        ("/metrics", "/metrics"),
         ("/openapi.json", "/openapi.json"),
         ("/exchanges", "/exchanges"),
         ("/egress", "/egress"),

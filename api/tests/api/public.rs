@@ -1,6 +1,6 @@
-//! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/metrics`, `/ui/config`),
-//! CORS, HSTS, the client address recorded in audit rows, and the request id every answer and
-//! log line carries.
+//! The public routes (`/health`, `/ready`, `/exchanges`, `/egress`, `/ui/config`), the metrics
+//! listener apart from them, CORS, HSTS, the client address recorded in audit rows, and the
+//! request id every answer and log line carries.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +17,7 @@ both!(
     ready_is_503_when_the_database_is_gone,
     exchanges_and_egress_need_no_token,
     metrics_count_requests_and_jobs,
+    metrics_are_not_served_on_the_public_port,
     odd_requests_add_no_metric_series
 );
 both_with!([("CORS_ORIGINS", "https://app.tradeeon.test")], cors_allows_only_configured_origins);
@@ -72,7 +73,7 @@ async fn metrics_count_requests_and_jobs(app: TestApp) {
     app.connect_binance(&user, "KEY0001").await;
     app.get("/connections", None).await;
     app.get("/definitely/not/here", None).await;
-    let response = app.get("/metrics", None).await;
+    let response = app.metrics().await;
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = response.text().await.unwrap();
@@ -88,6 +89,33 @@ async fn metrics_count_requests_and_jobs(app: TestApp) {
     }
     // The registry in AppState is the one rendered.
     assert!(!app.metrics_registry.gather().is_empty());
+}
+
+/// The public port (the one the load balancer forwards to) has no `/metrics`; the metrics
+/// listener has nothing else.
+async fn metrics_are_not_served_on_the_public_port(app: TestApp) {
+    for path in ["/metrics", "/metrics/", "/metrics?format=text", "/Metrics"] {
+        let response = app.get(path, None).await;
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 404, "public {path}: {body}");
+        assert!(!body.contains("tradeeon_http_requests_total"), "public {path} showed metrics: {body}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["error"]["code"], "not_found", "{body}");
+    }
+    let user = app.user();
+    let error = helpers::error_of(app.get("/metrics", Some(&user)).await, 404).await;
+    assert_eq!(error["code"], "not_found");
+
+    let response = app.metrics().await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    // The public requests above are counted there, as unmatched.
+    assert!(text.contains(r#"tradeeon_http_requests_total{method="GET",route="unmatched",status="404"} 5"#), "{text}");
+    for path in ["/health", "/connections", "/openapi.json", "/"] {
+        let response = app.client.get(format!("{}{path}", app.metrics_base)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "the metrics listener answered {path}");
+    }
 }
 
 fn series(app: &TestApp) -> usize {
@@ -115,7 +143,7 @@ async fn odd_requests_add_no_metric_series(app: TestApp) {
         send("GET", format!("/q{i}?a={i}"), (format!("x-odd-{i}"), "v".into())).await.unwrap();
     }
     assert_eq!(series(&app), before, "the flood added series");
-    let text = app.get("/metrics", None).await.text().await.unwrap();
+    let text = app.metrics().await.text().await.unwrap();
     assert!(
         text.contains(r#"tradeeon_http_requests_total{method="other",route="unmatched",status="404"} 301"#),
         "{text}"
