@@ -64,6 +64,8 @@ USER 10001:10001
 WORKDIR /var/lib/tradeeon
 ENV API_HOST=0.0.0.0 \
     API_PORT=8000
+# Only the API: the metrics listener (API_METRICS_PORT, 9101) is for scrapers on the same
+# network, not for publishing with the API.
 EXPOSE 8000
 # GET /health on the local API. Meaningful for `serve` and `api`; a `worker` container has no
 # API, so run it with --no-healthcheck (ECS ignores this instruction: the task definition has

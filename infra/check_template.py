@@ -151,9 +151,12 @@ def check_containers(template: dict, rust: str) -> None:
         )
 
     env = environment(api)
-    for variable, value in {"API_HOST": "0.0.0.0", "API_PORT": "8000", "TRUST_PROXY": "true"}.items():
+    for variable, value in {"API_HOST": "0.0.0.0", "API_PORT": "8000", "API_METRICS_PORT": "9101", "TRUST_PROXY": "true"}.items():
         check(env.get(variable) == value, f"api: {variable} must be {value}")
-    check(api.get("PortMappings") == [{"ContainerPort": 8000, "Protocol": "tcp"}], "api: only port 8000 is mapped")
+    check(
+        api.get("PortMappings") == [{"ContainerPort": 8000, "Protocol": "tcp"}, {"ContainerPort": 9101, "Protocol": "tcp"}],
+        "api: only the API port 8000 and the metrics port 9101 are mapped",
+    )
     check(
         api.get("HealthCheck", {}).get("Command") == ["CMD", "/usr/local/bin/tradeeon", "healthcheck"],
         "api: the container health check must be `tradeeon healthcheck` (GET /health)",
@@ -167,10 +170,10 @@ def check_containers(template: dict, rust: str) -> None:
         "worker: HEALTH_SWEEP_INTERVAL must come from HealthSweepIntervalSeconds (the missing-sweep alarm uses it)",
     )
     check(
-        env.get("API_HOST") == "127.0.0.1",
-        "worker: API_HOST must be 127.0.0.1 (its metrics listener binds it; the image defaults to 0.0.0.0)",
+        env.get("API_HOST") == "0.0.0.0" and env.get("WORKER_METRICS_PORT") == "9100",
+        "worker: its metrics listener must be on 0.0.0.0:9100 (API_HOST, WORKER_METRICS_PORT), the port its security group opens to scrapers",
     )
-    check(not worker.get("PortMappings"), "worker: no port mappings (no inbound)")
+    check(worker.get("PortMappings") == [{"ContainerPort": 9100, "Protocol": "tcp"}], "worker: only the metrics port 9100 is mapped")
 
 
 def check_roles(template: dict) -> None:
@@ -217,8 +220,21 @@ def check_network(template: dict) -> None:
         "ALB security group: outbound must be only 8000 to the api tasks",
     )
 
-    for name in ("ApiTaskSecurityGroup", "WorkerTaskSecurityGroup"):
+    for name in ("ApiTaskSecurityGroup", "WorkerTaskSecurityGroup", "MetricsScraperSecurityGroup"):
         check(not rules(res[name], "SecurityGroupIngress"), f"{name}: no inline inbound rules")
+    scraper_out = {
+        (r["IpProtocol"], r["FromPort"], r["ToPort"], json.dumps(r.get("DestinationSecurityGroupId")), r.get("CidrIp"))
+        for r in rules(res["MetricsScraperSecurityGroup"], "SecurityGroupEgress")
+    }
+    check(
+        scraper_out
+        == {
+            ("tcp", 9101, 9101, json.dumps(ref("ApiTaskSecurityGroup")), None),
+            ("tcp", 9100, 9100, json.dumps(ref("WorkerTaskSecurityGroup")), None),
+        },
+        f"MetricsScraperSecurityGroup: outbound must be exactly the two metrics ports of the tasks, got {scraper_out}",
+    )
+    for name in ("ApiTaskSecurityGroup", "WorkerTaskSecurityGroup"):
         out = rules(res[name], "SecurityGroupEgress")
         check(
             [(r["IpProtocol"], r["FromPort"], r["ToPort"], r.get("CidrIp")) for r in out] == [("tcp", 443, 443, internet)],
@@ -227,17 +243,19 @@ def check_network(template: dict) -> None:
 
     ingress = resources_of(template, "AWS::EC2::SecurityGroupIngress")
     to_tasks = {n: r["Properties"] for n, r in ingress.items() if r["Properties"]["GroupId"] in (ref("ApiTaskSecurityGroup"), ref("WorkerTaskSecurityGroup"))}
+    inbound = sorted(
+        (r["GroupId"]["Ref"], r["IpProtocol"], r["FromPort"], r["ToPort"], r["SourceSecurityGroupId"]["Ref"], "CidrIp" in r)
+        for r in to_tasks.values()
+    )
     check(
-        list(to_tasks.values())
-        == [{
-            "GroupId": ref("ApiTaskSecurityGroup"),
-            "IpProtocol": "tcp",
-            "FromPort": 8000,
-            "ToPort": 8000,
-            "SourceSecurityGroupId": ref("AlbSecurityGroup"),
-            "Description": to_tasks.get("ApiTaskIngressFromAlb", {}).get("Description"),
-        }],
-        "task security groups: the only inbound rule is 8000 from the ALB security group to the api tasks",
+        inbound
+        == [
+            ("ApiTaskSecurityGroup", "tcp", 8000, 8000, "AlbSecurityGroup", False),
+            ("ApiTaskSecurityGroup", "tcp", 9101, 9101, "MetricsScraperSecurityGroup", False),
+            ("WorkerTaskSecurityGroup", "tcp", 9100, 9100, "MetricsScraperSecurityGroup", False),
+        ],
+        "task security groups: inbound is only 8000 from the ALB to the api tasks, and the metrics ports "
+        f"(api 9101, worker 9100) from MetricsScraperSecurityGroup, got {inbound}",
     )
     egress = resources_of(template, "AWS::EC2::SecurityGroupEgress")
     for name, r in egress.items():
@@ -275,19 +293,23 @@ def check_load_balancer(template: dict) -> None:
         https["Port"] == 443 and https["Protocol"] == "HTTPS" and https["Certificates"] == [{"CertificateArn": ref("ApiCertificateArn")}],
         "HTTPS listener on 443 with the ApiCertificateArn certificate",
     )
-    rules = [r["Properties"] for r in resources_of(template, "AWS::ElasticLoadBalancingV2::ListenerRule").values()]
-    metrics = [
-        rule
-        for rule in rules
-        if rule["ListenerArn"] == ref("HttpsListener")
-        and any(c.get("PathPatternConfig", {}).get("Values", [None])[0] == "/metrics" for c in rule["Conditions"])
-    ]
+    # The load balancer reaches the API port only: the metrics listeners are on other ports, which
+    # no target group, listener rule or ALB egress rule names.
     check(
-        len(metrics) == 1
-        and metrics[0]["Actions"][0]["Type"] == "fixed-response"
-        and metrics[0]["Priority"] == min(r["Priority"] for r in rules if r["ListenerArn"] == ref("HttpsListener")),
-        "HTTPS listener: /metrics is answered by the load balancer (fixed response, first rule), never forwarded",
+        https["DefaultActions"] == [{"Type": "forward", "TargetGroupArn": ref("ApiTargetGroup")}],
+        "HTTPS listener: its default action forwards to ApiTargetGroup",
     )
+    groups = resources_of(template, "AWS::ElasticLoadBalancingV2::TargetGroup")
+    check(list(groups) == ["ApiTargetGroup"], f"the only target group is ApiTargetGroup, got {sorted(groups)}")
+    forwarded = [
+        action
+        for rule in resources_of(template, "AWS::ElasticLoadBalancingV2::ListenerRule").values()
+        for action in rule["Properties"]["Actions"]
+        if action["Type"] == "forward" and action.get("TargetGroupArn") != ref("ApiTargetGroup")
+    ]
+    check(not forwarded, f"listener rules forward only to ApiTargetGroup, got {forwarded}")
+    balanced = [(b["ContainerName"], b["ContainerPort"]) for b in res["ApiService"]["Properties"]["LoadBalancers"]]
+    check(balanced == [("api", 8000)], f"ApiService: the load balancer reaches container port 8000 only, got {balanced}")
     http = res["HttpRedirectListener"]["Properties"]
     actions = http["DefaultActions"]
     check(
