@@ -51,10 +51,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM scratch AS debug-info
 COPY --from=build /out/tradeeon.debug /tradeeon.debug
 
+# --- rds-ca: the certificate authorities of Amazon RDS (every region), for DATABASE_URL's
+# sslmode=verify-full&sslrootcert=/etc/ssl/certs/rds-global-bundle.pem (docs/operations.md,
+# "Database TLS"). Fetched from AWS over HTTPS at build time, so a rebuilt image carries the
+# authorities AWS adds. ---
+FROM scratch AS rds-ca
+ADD --chmod=0444 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /rds-global-bundle.pem
+
 # --- runtime: the binary on distroless/cc (glibc, libgcc_s, CA certificates, tzdata; no shell, no
 # package manager), as an unprivileged user; no compiler, no sources ---
 FROM gcr.io/distroless/cc-debian${DEBIAN_VERSION} AS runtime
 COPY --from=build /out/tradeeon /usr/local/bin/tradeeon
+COPY --from=rds-ca /rds-global-bundle.pem /etc/ssl/certs/rds-global-bundle.pem
 # The data directory, owned by the user the process runs as (uid 10001, as in earlier images, so
 # existing volumes stay writable; it needs no entry in /etc/passwd).
 COPY --from=build --chown=10001:10001 /out/data /var/lib/tradeeon

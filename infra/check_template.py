@@ -321,6 +321,17 @@ def check_load_balancer(template: dict) -> None:
     )
 
 
+def check_database_tls(template: dict) -> None:
+    """The stack's RDS URL verifies the server (verify-full) against a CA file the image ships."""
+    url = template["Resources"]["RdsDatabaseUrlSecret"]["Properties"]["SecretString"]["Fn::Sub"]
+    found = re.search(r"\?sslmode=verify-full&sslrootcert=(/[\w./-]+)$", url)
+    check(found is not None, f"RdsDatabaseUrlSecret: DATABASE_URL must end with ?sslmode=verify-full&sslrootcert=/PATH, got {url}")
+    if found:
+        dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+        copied = re.search(rf"^COPY --from=\S+ \S+ {re.escape(found.group(1))}$", dockerfile, re.M)
+        check(copied is not None, f"the image must ship {found.group(1)} (the sslrootcert of the RDS DATABASE_URL)")
+
+
 def check_frontend(template: dict) -> None:
     res = template["Resources"]
     bucket = res["FrontendBucket"]["Properties"]
@@ -465,6 +476,7 @@ def main() -> int:
     check_roles(template)
     check_network(template)
     check_load_balancer(template)
+    check_database_tls(template)
     check_frontend(template)
     check_alarms(template, rust)
     check_dashboard(template)

@@ -19,4 +19,6 @@ mod rls;
 mod roles;
 mod service;
 mod setup;
+#[cfg(target_os = "linux")]
+mod tls;
 mod users;
