@@ -134,7 +134,8 @@ async fn session(
         user.id(),
         Exchange::Zerodha,
         JobPayload::KiteSession { connection_id, request_token: state.keyring.encrypt(&request_token).into_inner() },
-    );
+    )
+    .limited(state.job_limits(false));
     job.idempotency_key = Some(claims.idempotency_key());
     let tx = state.store.begin_service().await?;
     let job = enqueue(&state, tx, &job).await?.ok_or_else(|| {
