@@ -93,7 +93,7 @@ async fn get_connection(
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many writes; `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (nothing was enqueued); see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), exchange), err(level = "info"))]
@@ -197,7 +197,7 @@ async fn test_connection(
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many writes; `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (nothing was enqueued); see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
