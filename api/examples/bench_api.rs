@@ -225,6 +225,9 @@ where
     all
 }
 
+/// A job the first phase created: which of the client's users it belongs to, and its id.
+type UsersJob = (usize, String);
+
 /// The part of `POST /connections/test`'s answer the second phase needs.
 #[derive(serde::Deserialize)]
 struct Accepted {
@@ -250,9 +253,8 @@ async fn drive(
     // single user per client would fill their cap at once. Enough users for the fastest rate
     // seen (~20k requests/s).
     let users_per_client = ((duration.as_secs() + 1) as usize * 20_000).div_ceil(clients * PER_USER);
-    let tokens: Arc<Vec<Vec<String>>> = Arc::new(
-        (0..clients).map(|_| (0..users_per_client).map(|_| token(uuid::Uuid::new_v4())).collect()).collect(),
-    );
+    let tokens: Arc<Vec<Vec<String>>> =
+        Arc::new((0..clients).map(|_| (0..users_per_client).map(|_| token(uuid::Uuid::new_v4())).collect()).collect());
     println!(
         "API bench: {clients} clients, {} s per phase, pool {pool} connections, {} users",
         duration.as_secs(),
@@ -273,11 +275,14 @@ async fn drive(
         }
     }))
     .await;
-    println!("  {} users signed up in {:.1} s (not measured)", clients * users_per_client, started.elapsed().as_secs_f64());
+    println!(
+        "  {} users signed up in {:.1} s (not measured)",
+        clients * users_per_client,
+        started.elapsed().as_secs_f64()
+    );
 
     // Each client's jobs (whose token, which job), for the second phase.
-    let job_ids: Arc<Vec<Mutex<Vec<(usize, String)>>>> =
-        Arc::new((0..clients).map(|_| Mutex::new(Vec::new())).collect());
+    let job_ids: Arc<Vec<Mutex<Vec<UsersJob>>>> = Arc::new((0..clients).map(|_| Mutex::new(Vec::new())).collect());
     let (t, j) = (tokens.clone(), job_ids.clone());
     let mut post = phase(
         addr,
@@ -304,7 +309,7 @@ async fn drive(
         return Ok(());
     }
 
-    let jobs: Arc<Vec<Vec<(usize, String)>>> =
+    let jobs: Arc<Vec<Vec<UsersJob>>> =
         Arc::new(job_ids.iter().map(|ids| std::mem::take(&mut *ids.lock().unwrap())).collect());
     if jobs.iter().any(Vec::is_empty) {
         anyhow::bail!("a client created no job in the first phase: nothing to read");
