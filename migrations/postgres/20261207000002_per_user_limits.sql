@@ -19,8 +19,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS tradeeon_jobs_user_in_flight_slot
 --    row per user, as GCRA "theoretical arrival times": a request is let through when the
 --    time after it stays within a minute of now, and moves the time on by a minute / the
 --    figure. The row is updated in place (HOT) under its row lock, so concurrent charges from
---    any number of API processes see each other. Only the service reads or writes it: RLS on,
---    no policies, nothing granted to the REST roles.
+--    any number of API processes see each other. Only the service reads or writes it, as
+--    `tradeeon_service` (20261207000001_service_roles.sql): forced RLS with that role's policy
+--    alone, and nothing for the REST roles, whatever Supabase's default privileges granted.
 CREATE TABLE IF NOT EXISTS public.tradeeon_user_budgets (
     user_id   UUID PRIMARY KEY REFERENCES public.users(id) ON DELETE CASCADE,
     writes_at TIMESTAMPTZ NOT NULL DEFAULT now(),
@@ -29,5 +30,10 @@ CREATE TABLE IF NOT EXISTS public.tradeeon_user_budgets (
     -- batch of concurrent requests at once).
     admitted  INTEGER NOT NULL DEFAULT 0
 );
+REVOKE ALL ON public.tradeeon_user_budgets FROM PUBLIC, anon, authenticated, service_role;
+GRANT SELECT, INSERT, UPDATE ON public.tradeeon_user_budgets TO tradeeon_service;
 ALTER TABLE public.tradeeon_user_budgets ENABLE ROW LEVEL SECURITY;
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.tradeeon_user_budgets TO service_role;
+ALTER TABLE public.tradeeon_user_budgets FORCE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS tradeeon_user_budgets_service ON public.tradeeon_user_budgets;
+CREATE POLICY tradeeon_user_budgets_service ON public.tradeeon_user_budgets
+    FOR ALL TO tradeeon_service USING (true) WITH CHECK (true);
