@@ -27,10 +27,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const JWT_SECRET: &str = "bench-supabase-jwt-secret-0123456789abcdef";
 
-/// Requests each user makes in the POST phase: the default cap on jobs in flight and the
-/// default test quota, so every one is accepted.
-const PER_USER: usize = 10;
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let database_url = args
@@ -69,6 +65,8 @@ async fn start_server(database_url: &str, pool: u32) -> anyhow::Result<(SocketAd
         ("DATABASE_URL", database_url),
         ("DATABASE_MAX_CONNECTIONS", pool_text.as_str()),
         ("SUPABASE_JWT_SECRET", JWT_SECRET),
+        // The benchmark measures throughput, not the per-user write budget.
+        ("API_USER_RATE_LIMIT_PER_MINUTE", "1000000000"),
     ]);
     let config: Config = tradeeon_shared::config::from_vars(&vars)?;
     let keyring = Arc::new(Keyring::parse(&Keyring::generate_key())?);
@@ -225,9 +223,6 @@ where
     all
 }
 
-/// A job the first phase created: which of the client's users it belongs to, and its id.
-type UsersJob = (usize, String);
-
 /// The part of `POST /connections/test`'s answer the second phase needs.
 #[derive(serde::Deserialize)]
 struct Accepted {
@@ -247,42 +242,11 @@ async fn drive(
     with_get: bool,
     store: &Store,
 ) -> anyhow::Result<()> {
-    // Each client speaks for many users in turn, `PER_USER` requests each, as the service's
-    // users do: no user goes past the per-user limits at their defaults (ten jobs in flight, ten
-    // tests a minute), which the API enforces in the measured statement. No worker runs, so a
-    // single user per client would fill their cap at once. Enough users for the fastest rate
-    // seen (~20k requests/s).
-    let users_per_client = ((duration.as_secs() + 1) as usize * 20_000).div_ceil(clients * PER_USER);
-    let tokens: Arc<Vec<Vec<String>>> =
-        Arc::new((0..clients).map(|_| (0..users_per_client).map(|_| token(uuid::Uuid::new_v4())).collect()).collect());
-    println!(
-        "API bench: {clients} clients, {} s per phase, pool {pool} connections, {} users",
-        duration.as_secs(),
-        clients * users_per_client
-    );
-    // Not measured: each user's first request writes their profile row.
-    let t = tokens.clone();
-    let started = Instant::now();
-    futures::future::join_all((0..clients).map(|client| {
-        let t = t.clone();
-        async move {
-            let mut connection = Connection::open(addr).await.expect("connect to the API");
-            for token in &t[client] {
-                let request = request_bytes("GET", "/connections", token, "");
-                let (status, _) = connection.exchange(&request).await.expect("sign-up request");
-                assert_eq!(status, 200, "sign-up request");
-            }
-        }
-    }))
-    .await;
-    println!(
-        "  {} users signed up in {:.1} s (not measured)",
-        clients * users_per_client,
-        started.elapsed().as_secs_f64()
-    );
+    let tokens: Arc<Vec<String>> = Arc::new((0..clients).map(|_| token(uuid::Uuid::new_v4())).collect());
+    println!("API bench: {clients} clients, {} s per phase, pool {pool} connections", duration.as_secs());
 
-    // Each client's jobs (whose token, which job), for the second phase.
-    let job_ids: Arc<Vec<Mutex<Vec<UsersJob>>>> = Arc::new((0..clients).map(|_| Mutex::new(Vec::new())).collect());
+    // Each client's jobs, for the second phase.
+    let job_ids: Arc<Vec<Mutex<Vec<String>>>> = Arc::new((0..clients).map(|_| Mutex::new(Vec::new())).collect());
     let (t, j) = (tokens.clone(), job_ids.clone());
     let mut post = phase(
         addr,
@@ -291,14 +255,11 @@ async fn drive(
         move |client, i| {
             let body =
                 format!(r#"{{"exchange":"binance","api_key":"benchkey{client}x{i}","api_secret":"benchsecret"}}"#);
-            let user = (i / PER_USER) % users_per_client;
-            request_bytes("POST", "/connections/test", &t[client][user], &body)
+            request_bytes("POST", "/connections/test", &t[client], &body)
         },
         move |client, status, body| {
             let Ok(accepted) = serde_json::from_slice::<Accepted>(body) else { return false };
-            let mut mine = j[client].lock().unwrap();
-            let user = (mine.len() / PER_USER) % users_per_client;
-            mine.push((user, accepted.job.id));
+            j[client].lock().unwrap().push(accepted.job.id);
             status == 202
         },
     )
@@ -309,7 +270,7 @@ async fn drive(
         return Ok(());
     }
 
-    let jobs: Arc<Vec<Vec<UsersJob>>> =
+    let jobs: Arc<Vec<Vec<String>>> =
         Arc::new(job_ids.iter().map(|ids| std::mem::take(&mut *ids.lock().unwrap())).collect());
     if jobs.iter().any(Vec::is_empty) {
         anyhow::bail!("a client created no job in the first phase: nothing to read");
@@ -320,8 +281,8 @@ async fn drive(
         clients,
         duration,
         move |client, i| {
-            let (user, job) = &jobs[client][i % jobs[client].len()];
-            request_bytes("GET", &format!("/jobs/{job}"), &t[client][*user], "")
+            let mine = &jobs[client];
+            request_bytes("GET", &format!("/jobs/{}", mine[i % mine.len()]), &t[client], "")
         },
         |_, status, _| status == 200,
     )

@@ -11,7 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tradeeon_shared::jobs::JobId;
-use tradeeon_shared::store::{Limit, StoreError};
+use tradeeon_shared::store::StoreError;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
@@ -39,13 +39,6 @@ pub enum ApiError {
     /// The per-user write budget is spent (429, `Retry-After`).
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
-    /// The per-user connection-test quota is spent (429, `Retry-After`).
-    #[error("too many connection tests")]
-    TooManyTests { retry_after: Duration },
-    /// `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (429,
-    /// `Retry-After`); nothing was enqueued.
-    #[error("too many jobs in flight")]
-    TooManyJobs,
     /// The database (or another dependency) is unreachable; retrying later may succeed.
     #[error("service unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -90,7 +83,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MfaRequired => StatusCode::FORBIDDEN,
             Self::JobInProgress { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
-            Self::RateLimited { .. } | Self::TooManyTests { .. } | Self::TooManyJobs => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -105,8 +98,6 @@ impl ApiError {
             Self::JobInProgress { .. } => "job_in_progress",
             Self::Conflict { code, .. } => code,
             Self::RateLimited { .. } => "rate_limited",
-            Self::TooManyTests { .. } => "too_many_tests",
-            Self::TooManyJobs => "too_many_jobs",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -131,23 +122,11 @@ impl ApiError {
             Self::RateLimited { retry_after } => {
                 format!("Too many changes; retry in {} s.", retry_after_seconds(*retry_after))
             }
-            Self::TooManyTests { retry_after } => {
-                format!("Too many connection tests; retry in {} s.", retry_after_seconds(*retry_after))
-            }
-            Self::TooManyJobs => {
-                "Too many of your jobs are queued or running; wait for one to finish and retry.".into()
-            }
             Self::Unavailable(_) => "The service is temporarily unavailable; retry shortly.".into(),
             Self::Internal(_) => "Something went wrong on our side; it has been logged.".into(),
         }
     }
 }
-
-/// `Retry-After` when the caller's jobs in flight are at the cap: which job finishes first is
-/// not known, but a test or verification is one exchange request and usually settles within a
-/// few seconds (retries back off for longer); 5 s lets a client poll its jobs instead of
-/// hammering the enqueue, without making a user whose job just finished wait long.
-const JOBS_IN_FLIGHT_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 fn retry_after_seconds(wait: Duration) -> u64 {
     // Round up: retrying after a rounded-down wait would be refused again.
@@ -206,11 +185,8 @@ impl IntoResponse for ApiError {
                 let value = if *err == AuthError::Missing { "Bearer" } else { "Bearer error=\"invalid_token\"" };
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(value));
             }
-            Self::RateLimited { retry_after } | Self::TooManyTests { retry_after } => {
+            Self::RateLimited { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds(*retry_after)));
-            }
-            Self::TooManyJobs => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(JOBS_IN_FLIGHT_RETRY_AFTER.as_secs()));
             }
             _ => {}
         }
@@ -230,9 +206,6 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound => Self::NotFound,
-            StoreError::OverLimit(Limit::JobsInFlight) => Self::TooManyJobs,
-            StoreError::OverLimit(Limit::Writes { retry_after }) => Self::RateLimited { retry_after },
-            StoreError::OverLimit(Limit::Tests { retry_after }) => Self::TooManyTests { retry_after },
             StoreError::Connect { .. } => Self::Unavailable(err.into()),
             StoreError::Database(ref db) if is_unavailable(db) => Self::Unavailable(err.into()),
             other => Self::Internal(other.into()),

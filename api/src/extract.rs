@@ -28,7 +28,7 @@ const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_USER_AGENT_CHARS: usize = 512;
 
 /// The caller, proven by a valid Supabase token; their `users` row exists. On write methods the
-/// per-user write budget (kept in the database, shared by every API process) has been charged.
+/// per-user rate limit has been charged.
 #[derive(Debug, Clone)]
 pub struct AuthUser(pub UserContext);
 
@@ -42,37 +42,18 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let user = authenticate(parts, state).await?;
+        let token = bearer_token(&parts.headers)?;
+        let user = state.auth.verify(token).await?;
         if is_write(&parts.method) {
-            state.store.charge_write(user.id(), state.settings.writes_per_minute).await?;
+            if state.settings.require_aal2 && !user.aal2 {
+                return Err(ApiError::MfaRequired);
+            }
+            state.limiter.check(user.id)?;
         }
-        Ok(user)
+        let context = UserContext { user_id: user.id, email: user.email };
+        state.users.ensure(state, &context).await?;
+        Ok(AuthUser(context))
     }
-}
-
-/// Like [`AuthUser`], but the write budget is left for the handler's own statement to charge:
-/// `POST /connections/test` charges it, with the test quota, in the statement that enqueues the
-/// job, so that its hot path stays one round trip.
-#[derive(Debug, Clone)]
-pub struct AuthUserChargedLater(pub AuthUser);
-
-impl FromRequestParts<AppState> for AuthUserChargedLater {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        Ok(Self(authenticate(parts, state).await?))
-    }
-}
-
-async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, ApiError> {
-    let token = bearer_token(&parts.headers)?;
-    let user = state.auth.verify(token).await?;
-    if is_write(&parts.method) && state.settings.require_aal2 && !user.aal2 {
-        return Err(ApiError::MfaRequired);
-    }
-    let context = UserContext { user_id: user.id, email: user.email };
-    state.users.ensure(state, &context).await?;
-    Ok(AuthUser(context))
 }
 
 fn is_write(method: &Method) -> bool {

@@ -15,6 +15,7 @@ mod extract;
 pub mod login_state;
 mod metrics;
 pub mod openapi;
+mod ratelimit;
 mod request_id;
 mod routes;
 pub mod ui;
@@ -36,7 +37,6 @@ use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 use tradeeon_shared::config::Config;
-use tradeeon_shared::jobs::{Budgets, UserLimits};
 use tradeeon_shared::store::Store;
 use tradeeon_shared::vault::Keyring;
 use url::Url;
@@ -51,6 +51,7 @@ use crate::error::Invalid;
 use crate::extract::SeenUsers;
 use crate::login_state::StateSigner;
 use crate::metrics::ApiMetrics;
+use crate::ratelimit::UserRateLimiter;
 
 /// A request that takes longer than this is answered 503 (and its transaction rolled back), so
 /// a stalled database never holds clients forever.
@@ -85,6 +86,7 @@ pub struct SharedState {
     auth: Arc<Authenticator>,
     settings: Arc<Settings>,
     metrics: Arc<ApiMetrics>,
+    limiter: Arc<UserRateLimiter>,
     users: Arc<SeenUsers>,
     login_states: Arc<StateSigner>,
     /// The embedded default's one-time sign-in links (`None`: tokens come from Supabase).
@@ -100,26 +102,9 @@ struct Settings {
     cors_origins: Vec<String>,
     portal_signin_url: Option<Url>,
     require_aal2: bool,
-    /// Per-user limits, kept in the database so that they hold across API processes.
-    writes_per_minute: u32,
-    tests_per_minute: u32,
-    max_jobs_in_flight: u32,
 }
 
 impl AppState {
-    /// The limits a job a user asks for is enqueued under; `charge_test`: charge the request to
-    /// the write budget and the test quota in the enqueue itself (`POST /connections/test`).
-    pub(crate) fn job_limits(&self, charge_test: bool) -> UserLimits {
-        let settings = &self.settings;
-        UserLimits {
-            max_in_flight: settings.max_jobs_in_flight,
-            charge: charge_test.then_some(Budgets {
-                writes_per_minute: settings.writes_per_minute,
-                tests_per_minute: Some(settings.tests_per_minute),
-            }),
-        }
-    }
-
     /// Builds the state from the process configuration and registers the API's metrics in
     /// `registry` (which fails if they are registered there already).
     pub fn new(
@@ -158,11 +143,9 @@ impl AppState {
                 cors_origins: config.http.cors_origins.clone(),
                 portal_signin_url: config.auth.portal_signin_url.clone(),
                 require_aal2: config.auth.require_aal2,
-                writes_per_minute: config.http.user_rate_limit_per_minute,
-                tests_per_minute: config.http.test_rate_limit_per_minute,
-                max_jobs_in_flight: config.http.max_jobs_in_flight_per_user,
             }),
             metrics: Arc::new(metrics),
+            limiter: Arc::new(UserRateLimiter::new(config.http.user_rate_limit_per_minute)),
             users: Arc::new(SeenUsers::default()),
             login_states: Arc::new(StateSigner::from_vault_config(&config.vault)),
             local_sign_in: None,

@@ -97,7 +97,7 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
 /// * the bearer-token extractor: `401` (with `WWW-Authenticate`) and `409 email_in_use` (the
 ///   token's email belongs to another account's profile);
 /// * the database and the request deadline: `503` on every route that needs the database;
-/// * the per-user limits: `Retry-After` on every `429`.
+/// * the write budget: `Retry-After` on every `429`.
 fn common_responses(operation: &mut Operation) {
     let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
     let responses = &mut operation.responses.responses;
@@ -133,11 +133,7 @@ fn common_responses(operation: &mut Operation) {
             "Retry-After".into(),
             HeaderBuilder::new()
                 .schema(Some(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1))))
-                .description(Some(
-                    "Seconds until the limit that refused the request may allow it: the write budget \
-                     (`rate_limited`), the connection-test quota (`too_many_tests`), or 5 s for \
-                     `too_many_jobs` (when one of the caller's jobs finishes is not known)",
-                ))
+                .description(Some("Seconds until the write budget allows another write"))
                 .build()
                 .into(),
         );

@@ -279,21 +279,8 @@ pub struct HttpConfig {
     pub trust_proxy: bool,
     /// `API_USER_RATE_LIMIT_PER_MINUTE` — write requests (POST, DELETE) one user may make per
     /// minute; beyond it the API answers 429 with `Retry-After`. Default 60.
-    /// The budget is kept in the database (one row per user), so it holds across every API
-    /// process sharing it.
     #[serde(rename = "API_USER_RATE_LIMIT_PER_MINUTE=60", deserialize_with = "at_least::<_, _, 1>")]
     pub user_rate_limit_per_minute: u32,
-    /// `API_TEST_RATE_LIMIT_PER_MINUTE` — `POST /connections/test` requests one user may make per
-    /// minute, on top of (and counted in) the write budget: each test spends the shared exchange
-    /// budget the health checks depend on. Beyond it, 429 `too_many_tests` with `Retry-After`.
-    /// Kept in the database like the write budget. Default 10.
-    #[serde(rename = "API_TEST_RATE_LIMIT_PER_MINUTE=10", deserialize_with = "at_least::<_, _, 1>")]
-    pub test_rate_limit_per_minute: u32,
-    /// `MAX_JOBS_IN_FLIGHT_PER_USER` — jobs one user may have queued or running at once through
-    /// the API (tests, verifications, rotations, Zerodha sessions; the scheduler's health checks
-    /// are not counted). Beyond it, 429 `too_many_jobs` with `Retry-After`. Default 10.
-    #[serde(rename = "MAX_JOBS_IN_FLIGHT_PER_USER=10", deserialize_with = "at_least::<_, _, 1>")]
-    pub max_jobs_in_flight_per_user: u32,
 }
 
 /// How logs are written.
@@ -601,8 +588,6 @@ mod tests {
         assert!(c.vault.encryption_keys.is_none());
         assert!(!c.http.trust_proxy);
         assert_eq!(c.http.user_rate_limit_per_minute, 60);
-        assert_eq!(c.http.test_rate_limit_per_minute, 10);
-        assert_eq!(c.http.max_jobs_in_flight_per_user, 10);
         assert!(c.auth.portal_signin_url.is_none());
         assert!(matches!(c.scheduler.sweep_schedule, SweepSchedule::Every(d) if d == Duration::from_secs(300)));
         assert_eq!(c.scheduler.history_retention, Duration::from_secs(30 * 86_400));

@@ -232,42 +232,12 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// Not before this time (spreads a sweep over its interval). `None`: now.
     pub run_at: Option<DateTime<Utc>>,
-    /// The per-user limits the enqueue enforces: set for what users ask for through the API,
-    /// `None` for the scheduler's jobs, which no user cap counts or refuses.
-    pub limits: Option<UserLimits>,
 }
 
 impl NewJob {
     pub fn new(user_id: UserId, exchange: Exchange, payload: JobPayload) -> Self {
-        Self { id: JobId::new(), user_id, exchange, payload, idempotency_key: None, run_at: None, limits: None }
+        Self { id: JobId::new(), user_id, exchange, payload, idempotency_key: None, run_at: None }
     }
-
-    /// The job, held to `limits` when it is enqueued.
-    pub fn limited(mut self, limits: UserLimits) -> Self {
-        self.limits = Some(limits);
-        self
-    }
-}
-
-/// What a user's job is held to when it is enqueued (checked in the enqueue's own statement, so
-/// concurrent requests cannot both slip under a limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserLimits {
-    /// At most this many of the user's limited jobs queued or running at once
-    /// (`MAX_JOBS_IN_FLIGHT_PER_USER`).
-    pub max_in_flight: u32,
-    /// Charged to the user's per-minute budgets in the same statement (`POST /connections/test`);
-    /// `None` when the request was charged already.
-    pub charge: Option<Budgets>,
-}
-
-/// Per-user, per-minute budgets, kept in the database so that they hold across API processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budgets {
-    /// Write requests (`API_USER_RATE_LIMIT_PER_MINUTE`).
-    pub writes_per_minute: u32,
-    /// Connection tests, on top (`API_TEST_RATE_LIMIT_PER_MINUTE`); `None`: not a test.
-    pub tests_per_minute: Option<u32>,
 }
 
 /// A job as `GET /jobs/{id}` shows it.

@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use super::{encrypt, enqueue};
 use crate::error::ErrorBody;
-use crate::extract::{self, ApiJson, AuthUser, AuthUserChargedLater, ClientMeta, PathId};
+use crate::extract::{self, ApiJson, AuthUser, ClientMeta, PathId};
 use crate::validate;
 use crate::views::{
     AuditEntryView, ConnectionAccepted, ConnectionRequest, ConnectionView, HealthEntryView, JobAccepted, MessageView,
@@ -93,7 +93,7 @@ async fn get_connection(
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many writes; `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (nothing was enqueued); see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), exchange), err(level = "info"))]
@@ -121,8 +121,7 @@ async fn create_connection(
         user.id(),
         exchange,
         JobPayload::Verify { connection_id: connection.id, credentials_version: connection.credentials_version },
-    )
-    .limited(state.job_limits(false));
+    );
     tx.insert_audit(&meta.audit(
         AuditAction::Connected,
         Some(connection.id),
@@ -148,15 +147,13 @@ async fn create_connection(
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many writes; `too_many_tests`: too many connection tests \
-            this minute (`API_TEST_RATE_LIMIT_PER_MINUTE`); `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the \
-            caller's jobs are queued or running. Nothing was enqueued; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), exchange), err(level = "info"))]
 async fn test_connection(
     State(state): State<AppState>,
-    AuthUserChargedLater(user): AuthUserChargedLater,
+    user: AuthUser,
     meta: ClientMeta,
     ApiJson(body): ApiJson<ConnectionRequest>,
 ) -> Result<(StatusCode, Json<JobAccepted>), ApiError> {
@@ -171,9 +168,7 @@ async fn test_connection(
     let requested_by = Some(Requester { ip_address: meta.ip, user_agent: meta.user_agent });
     let payload = JobPayload::Test { exchange, credentials: encrypt(&state, &credentials), requested_by };
     drop(credentials);
-    // The write budget, the test quota and the cap on jobs in flight are all enforced by the
-    // enqueue's one statement.
-    let job = NewJob::new(user.id(), exchange, payload).limited(state.job_limits(true));
+    let job = NewJob::new(user.id(), exchange, payload);
     let job = state.store.enqueue_job(&job).await?.ok_or_else(unexpected_duplicate)?;
     state.metrics.job_enqueued(job.kind);
     Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
@@ -197,7 +192,7 @@ async fn test_connection(
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many writes; `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (nothing was enqueued); see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id(), connection_id = %id), err(level = "info"))]
@@ -224,8 +219,7 @@ async fn rotate_connection(
         user.id(),
         connection.exchange,
         JobPayload::Rotate { connection_id: id, expected_version, credentials: encrypted, api_key_hint },
-    )
-    .limited(state.job_limits(false));
+    );
     let job = enqueue(&state, tx, &job).await?.ok_or_else(unexpected_duplicate)?;
     Ok((StatusCode::ACCEPTED, Json(JobAccepted { job: job.into() })))
 }

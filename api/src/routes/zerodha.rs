@@ -102,7 +102,7 @@ fn kite_login_url(base: &Url, api_key: &str, state: &str) -> String {
         (status = 413, description = "Body over 64 KiB", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or invalid (`error.field`)", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many writes; `too_many_jobs`: `MAX_JOBS_IN_FLIGHT_PER_USER` of the caller's jobs are queued or running (nothing was enqueued); see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "Too many writes; see `Retry-After`", body = ErrorBody),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = %user.id()), err(level = "info"))]
@@ -134,8 +134,7 @@ async fn session(
         user.id(),
         Exchange::Zerodha,
         JobPayload::KiteSession { connection_id, request_token: state.keyring.encrypt(&request_token).into_inner() },
-    )
-    .limited(state.job_limits(false));
+    );
     job.idempotency_key = Some(claims.idempotency_key());
     let tx = state.store.begin_service().await?;
     let job = enqueue(&state, tx, &job).await?.ok_or_else(|| {

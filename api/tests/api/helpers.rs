@@ -285,47 +285,11 @@ pub struct TestApp {
     pub metrics_registry: prometheus::Registry,
     /// The metrics listener (`API_METRICS_PORT` in production), apart from `base`.
     pub metrics_base: String,
-    /// What a second instance of the API needs to share this one's database.
-    config: Config,
-    database_url: String,
-}
-
-/// Another API process on the same database as a [`TestApp`] (what runs behind the load
-/// balancer with more than one task). Stops when dropped.
-pub struct OtherInstance {
-    pub base: String,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl OtherInstance {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for OtherInstance {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
-    }
-
-    /// Starts a second API instance with its own store (pool, batching) and its own state on
-    /// this app's database and configuration.
-    pub async fn other_instance(&self) -> OtherInstance {
-        let store = Store::connect(&self.database_url, 5).await.expect("connect the second instance");
-        let state = tradeeon_api::AppState::new(&self.config, store, self.keyring.clone(), prometheus::Registry::new())
-            .expect("second app state");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let _ = tradeeon_api::run(listener, state, std::future::pending()).await;
-        });
-        OtherInstance { base: format!("http://{addr}"), server }
     }
 
     pub fn user(&self) -> TestUser {
@@ -464,7 +428,6 @@ pub fn test_config(database_url: &str, jwks_base: &str, env: &[(&'static str, St
         ("SUPABASE_URL", jwks_base.to_owned()),
         ("SUPABASE_JWT_SECRET", JWT_SECRET.to_owned()),
         ("API_USER_RATE_LIMIT_PER_MINUTE", "1000".to_owned()),
-        ("API_TEST_RATE_LIMIT_PER_MINUTE", "1000".to_owned()),
         ("EGRESS_IPS", "52.1.2.3, 2600:1f18::1".to_owned()),
         ("KITE_LOGIN_URL", "https://kite.example.test/connect/login".to_owned()),
     ]);
@@ -516,8 +479,6 @@ async fn start_and_run<F, Fut>(
         sqlite_dir,
         metrics_registry: registry,
         metrics_base: format!("http://{metrics_addr}"),
-        config,
-        database_url,
     };
     case(app).await;
     let _ = stop_tx.send(());

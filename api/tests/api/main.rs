@@ -16,7 +16,6 @@ mod connections;
 mod cross_user;
 mod history;
 mod jobs;
-mod limits;
 mod openapi;
 mod public;
 mod validation;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::coalesce::CoalescedStats;
-use super::{Inner, Result, ServiceTx, Store, StoreError, UserContext, jobs_postgres, jobs_sqlite};
-use crate::domain::{ConnectionId, UserId};
-use crate::jobs::{Budgets, ClaimedJob, JobId, JobOutcome, JobRecord, NewJob, TicketId};
+use super::{Inner, Result, ServiceTx, Store, UserContext, jobs_postgres, jobs_sqlite};
+use crate::domain::ConnectionId;
+use crate::jobs::{ClaimedJob, JobId, JobOutcome, JobRecord, NewJob, TicketId};
 
 /// What the metrics report about the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,34 +94,9 @@ impl Store {
             return jobs_postgres::enqueue(s, job).await;
         }
         let mut tx = self.begin_service().await?;
-        let record = match tx.enqueue_job(job).await {
-            // What the budgets were charged stays charged.
-            Err(StoreError::OverLimit(limit)) => {
-                tx.commit().await?;
-                return Err(StoreError::OverLimit(limit));
-            }
-            other => other?,
-        };
+        let record = tx.enqueue_job(job).await?;
         tx.commit().await?;
         Ok(record)
-    }
-
-    /// Charges one write request of `user` to the write budget kept in the database
-    /// (`API_USER_RATE_LIMIT_PER_MINUTE`), so that it holds across every API process;
-    /// `StoreError::OverLimit` when it is spent. `POST /connections/test` is charged by its
-    /// enqueue instead (see [`crate::jobs::UserLimits`]).
-    #[tracing::instrument(skip_all, fields(user_id = %user), err(level = "debug"))]
-    pub async fn charge_write(&self, user: UserId, writes_per_minute: u32) -> Result<()> {
-        match &*self.inner {
-            Inner::Postgres(s) => jobs_postgres::charge_write(s, user, writes_per_minute).await,
-            Inner::Sqlite(s) => {
-                let mut tx = super::sqlite::begin_write(&s.pool).await?;
-                let budgets = Budgets { writes_per_minute, tests_per_minute: None };
-                jobs_sqlite::charge(&mut tx, user, budgets, Utc::now()).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-        }
     }
 
     /// Enqueues many jobs atomically (a sweep's page of health checks): on PostgreSQL one

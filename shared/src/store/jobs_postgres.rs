@@ -15,10 +15,10 @@ use super::coalesce::{BatchFn, CoalescedStats, Coalescer, in_order};
 use super::jobs::{QueueStats, TicketState};
 use super::postgres::{CheckWrite, PgStore, record_checks};
 use super::wakeups::{Wakeups, wakeup_payload};
-use super::{Limit, PgServiceTx, Result, ServiceTx, StoreError, UserContext, decode_error, parse_column};
+use super::{PgServiceTx, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
-    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId, UserLimits,
+    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, TicketId,
 };
 use crate::retry::RetryPolicy;
 
@@ -31,18 +31,9 @@ macro_rules! job_columns {
 /// Inserts the record and its first ticket; once the transaction commits, a ticket that is due
 /// now wakes an idle worker (see [`super::wakeups`]).
 pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Option<JobRecord>> {
-    let mut job = job.clone();
-    for _ in 0..2 {
-        let (mut outcomes, due) = insert_rows(&mut *tx.tx, std::slice::from_ref(&job)).await?;
-        tx.due_tickets.extend(due);
-        match outcomes.pop() {
-            // The next statement of this transaction sees the slot the other enqueue took.
-            Some(Enqueued::LostSlot) => job.limits = job.limits.map(|l| UserLimits { charge: None, ..l }),
-            Some(outcome) => return outcome.into_result(),
-            None => return Ok(None),
-        }
-    }
-    Err(StoreError::OverLimit(Limit::JobsInFlight))
+    let (mut records, due) = insert_rows(&mut *tx.tx, std::slice::from_ref(job)).await?;
+    tx.due_tickets.extend(due);
+    Ok(records.pop().flatten())
 }
 
 /// One job and its ticket, coalesced with concurrent enqueues into one statement (see
@@ -50,20 +41,7 @@ pub(super) async fn insert_job(tx: &mut PgServiceTx, job: &NewJob) -> Result<Opt
 /// `POST /connections/test`, which would otherwise spend four round trips (begin, job, ticket,
 /// commit) on each.
 pub(super) async fn enqueue(store: &PgStore, job: &NewJob) -> Result<Option<JobRecord>> {
-    match store.batches.enqueue.call(job.clone()).await? {
-        // Another statement took the free slot this one found (two requests of one user at the
-        // same moment): once more, with a snapshot that sees it, and without charging the
-        // budgets again. Rare, so the second round trip is not on the hot path.
-        Enqueued::LostSlot => {
-            let mut again = job.clone();
-            again.limits = job.limits.map(|l| UserLimits { charge: None, ..l });
-            match store.batches.enqueue.call(again).await? {
-                Enqueued::LostSlot => Err(StoreError::OverLimit(Limit::JobsInFlight)),
-                outcome => outcome.into_result(),
-            }
-        }
-        outcome => outcome.into_result(),
-    }
+    store.batches.enqueue.call(job.clone()).await
 }
 
 /// Many job records and their tickets in one statement: what a health sweep enqueues, page by
@@ -71,119 +49,18 @@ pub(super) async fn enqueue(store: &PgStore, job: &NewJob) -> Result<Option<JobR
 /// large sweep is meant to take); as arrays it is one per page. A key already used (or repeated
 /// in the page) is skipped. Returns how many were enqueued.
 pub(super) async fn insert_jobs(store: &PgStore, jobs: &[NewJob]) -> Result<usize> {
-    let (outcomes, due) = insert_rows(&store.pool, jobs).await?;
+    let (inserted, due) = insert_rows(&store.pool, jobs).await?;
     store.wakeups.send(due);
-    Ok(outcomes.iter().filter(|outcome| matches!(outcome, Enqueued::Job(_))).count())
+    Ok(inserted.iter().filter(|record| record.is_some()).count())
 }
 
-/// What became of one job handed to [`insert_rows`].
-#[derive(Debug, Clone)]
-pub(super) enum Enqueued {
-    Job(JobRecord),
-    /// Its idempotency key was used already (or earlier in the same call).
-    Duplicate,
-    /// A per-user limit refused it.
-    Refused(Limit),
-    /// It was given a free in-flight slot that a concurrent enqueue took first.
-    LostSlot,
-}
-
-impl Enqueued {
-    fn into_result(self) -> Result<Option<JobRecord>> {
-        match self {
-            Enqueued::Job(record) => Ok(Some(record)),
-            Enqueued::Duplicate => Ok(None),
-            Enqueued::Refused(limit) => Err(StoreError::OverLimit(limit)),
-            Enqueued::LostSlot => Err(StoreError::OverLimit(Limit::JobsInFlight)),
-        }
-    }
-}
-
-/// Charges `asked` (user_id, n, write_every, test_every) to the users' budgets: of each user's
-/// `n` requests, as many as both budgets have room for are let through (`admitted`). GCRA: a
-/// budget's time moves on by `every` per request let through and may run at most a minute
-/// ahead of now. The row is locked by the update, and a concurrent charge waits for it and then
-/// reads the row as that one left it, so processes sharing the database share the budget.
-macro_rules! charge_budgets {
-    () => {
-        "charged AS (
-             INSERT INTO public.tradeeon_user_budgets AS b (user_id, writes_at, tests_at, admitted)
-             SELECT user_id, now() + admitted * write_every, now() + COALESCE(admitted * test_every, interval '0'),
-                    admitted
-               FROM (SELECT *, LEAST(n, floor(extract(epoch FROM interval '1 minute') / extract(epoch FROM write_every)),
-                                     COALESCE(floor(extract(epoch FROM interval '1 minute') / extract(epoch FROM test_every)), n)
-                                )::int4 AS admitted
-                       FROM asked) AS first_use
-             ON CONFLICT (user_id) DO UPDATE SET (writes_at, tests_at, admitted) = (
-                 SELECT GREATEST(b.writes_at, now()) + k.admitted * a.write_every,
-                        GREATEST(b.tests_at, now()) + COALESCE(k.admitted * a.test_every, interval '0'),
-                        k.admitted
-                   FROM asked AS a,
-                        LATERAL (SELECT GREATEST(0, LEAST(a.n,
-                            floor(extract(epoch FROM now() + interval '1 minute' - GREATEST(b.writes_at, now()))
-                                  / extract(epoch FROM a.write_every)),
-                            COALESCE(floor(extract(epoch FROM now() + interval '1 minute' - GREATEST(b.tests_at, now()))
-                                           / extract(epoch FROM a.test_every)), a.n)))::int4 AS admitted) AS k
-                  WHERE a.user_id = b.user_id)
-             RETURNING user_id, writes_at, tests_at, admitted
-         ), budget_wait AS (
-             -- For requests refused: how long until the next one would be let through.
-             SELECT c.user_id, c.admitted,
-                    extract(epoch FROM c.writes_at + a.write_every - interval '1 minute' - now())::float8 AS writes_wait,
-                    extract(epoch FROM c.tests_at + a.test_every - interval '1 minute' - now())::float8 AS tests_wait
-               FROM charged AS c JOIN asked AS a USING (user_id)
-         )"
-    };
-}
-
-/// Charges one write request of `user` to the write budget (every write but
-/// `POST /connections/test`, whose enqueue charges it in the same statement).
-pub(super) async fn charge_write(store: &PgStore, user: UserId, writes_per_minute: u32) -> Result<()> {
-    let row = sqlx::query(concat!(
-        "WITH asked AS (
-             SELECT $1::uuid AS user_id, 1::int4 AS n, interval '1 minute' / $2::int4 AS write_every,
-                    NULL::interval AS test_every
-         ), ",
-        charge_budgets!(),
-        " SELECT admitted, writes_wait, tests_wait FROM budget_wait"
-    ))
-    .bind(user.0)
-    .bind(per_minute(writes_per_minute))
-    .fetch_one(&store.pool)
-    .await?;
-    match row.try_get::<i32, _>("admitted")? {
-        1 => Ok(()),
-        _ => Err(StoreError::OverLimit(budget_refusal(&row)?)),
-    }
-}
-
-fn per_minute(figure: u32) -> i32 {
-    i32::try_from(figure.max(1)).unwrap_or(i32::MAX)
-}
-
-/// Which budget refused a request, from `budget_wait`'s columns: the one with the longer wait.
-fn budget_refusal(row: &PgRow) -> Result<Limit> {
-    let writes: f64 = row.try_get::<Option<f64>, _>("writes_wait")?.unwrap_or(0.0);
-    let tests: Option<f64> = row.try_get("tests_wait")?;
-    let wait = |seconds: f64| Duration::from_secs_f64(seconds.max(0.001));
-    Ok(match tests {
-        Some(tests) if tests > writes => Limit::Tests { retry_after: wait(tests) },
-        _ => Limit::Writes { retry_after: wait(writes) },
-    })
-}
-
-/// Job records and their apalis tickets, in one statement over arrays; what became of each, in
-/// the order of `jobs`, and the wake-ups of the inserted tickets that are due, to send once the
-/// statement has committed. apalis-postgres's own `push_tasks` would be a second round trip; the
-/// ticket's columns are those of its `queries/task/sink.sql` (apalis-postgres 1.0), which the
-/// queue tests exercise end to end.
-///
-/// Jobs with [`UserLimits`] are held to them in the same statement: charged to the user's
-/// budgets (when they carry a charge), then given a free in-flight slot of the user's (see
-/// migration `per_user_limits`). The unique index on the slots is what makes the cap hold under
-/// concurrency: a slot this statement's snapshot saw free but a concurrent one took is skipped
-/// (`LostSlot`), never doubled.
-async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(Vec<Enqueued>, Vec<String>)> {
+/// Job records and their apalis tickets, in one statement over arrays; the records in the order
+/// of `jobs`, `None` where the idempotency key was used already (or earlier in `jobs`), and the
+/// wake-ups of the inserted tickets that are due, to send once the statement has committed.
+/// apalis-postgres's own `push_tasks` would be a second round trip; the ticket's columns are
+/// those of its `queries/task/sink.sql` (apalis-postgres 1.0), which the queue tests exercise
+/// end to end.
+async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(Vec<Option<JobRecord>>, Vec<String>)> {
     if jobs.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -197,7 +74,6 @@ async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(
     );
     let (mut payloads, mut keys, mut run_ats, mut tickets) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut caps, mut writes, mut tests) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for job in jobs {
         ids.push(job.id.to_string());
         kinds.push(job.payload.kind().as_str());
@@ -208,91 +84,28 @@ async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(
         keys.push(job.idempotency_key.clone());
         run_ats.push(run_at(job));
         tickets.push(serde_json::to_vec(&JobTicket { job_id: job.id }).map_err(|e| decode_error("ticket", e))?);
-        caps.push(job.limits.map(|l| per_minute(l.max_in_flight)));
-        let charge = job.limits.and_then(|l| l.charge);
-        writes.push(charge.map(|c| per_minute(c.writes_per_minute)));
-        tests.push(charge.and_then(|c| c.tests_per_minute).map(per_minute));
     }
     let rows = sqlx::query(concat!(
         "WITH input AS (
              SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[], $5::text[], $6::jsonb[],
-                                  $7::text[], $8::timestamptz[], $9::bytea[], $12::int4[], $13::int4[], $14::int4[])
-                 WITH ORDINALITY
-                 AS i (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, ticket,
-                       max_in_flight, writes_per_minute, tests_per_minute, ord)
-         ), asked AS (
-             SELECT user_id, count(*)::int4 AS n, interval '1 minute' / min(writes_per_minute) AS write_every,
-                    interval '1 minute' / min(tests_per_minute) AS test_every
-               FROM input WHERE writes_per_minute IS NOT NULL GROUP BY user_id
-         ), ",
-        charge_budgets!(),
-        ", let_through AS (
-             -- The first `admitted` of each user's charged requests, in order.
-             SELECT i.ord
-               FROM (SELECT ord, user_id, row_number() OVER (PARTITION BY user_id ORDER BY ord) AS nth
-                       FROM input WHERE writes_per_minute IS NOT NULL) AS i
-               JOIN charged AS c USING (user_id)
-              WHERE i.nth <= c.admitted
-         ), wanting AS (
-             -- Limited jobs the budgets let through, numbered per user: the n-th takes the n-th free slot.
-             SELECT ord, user_id, max_in_flight, row_number() OVER (PARTITION BY user_id ORDER BY ord) AS nth
-               FROM input
-              WHERE max_in_flight IS NOT NULL AND (writes_per_minute IS NULL OR ord IN (SELECT ord FROM let_through))
-                -- A used idempotency key (a Zerodha login state) is a duplicate, not a job wanting a slot.
-                AND NOT EXISTS (SELECT 1 FROM public.tradeeon_jobs AS j WHERE j.idempotency_key = input.idempotency_key)
-         ), taken AS (
-             SELECT j.user_id, j.in_flight_slot AS slot
-               FROM public.tradeeon_jobs AS j
-              WHERE j.user_id IN (SELECT user_id FROM wanting) AND j.active AND j.in_flight_slot IS NOT NULL
-         ), free AS (
-             SELECT w.user_id, s.slot, row_number() OVER (PARTITION BY w.user_id ORDER BY s.slot) AS nth
-               FROM (SELECT user_id, max(max_in_flight) AS cap, count(*) AS n FROM wanting GROUP BY user_id) AS w,
-                    -- Candidates enough for every wanted job, never past the cap.
-                    generate_series(0, LEAST(w.cap, w.n + (SELECT count(*) FROM taken AS t WHERE t.user_id = w.user_id))::int4 - 1)
-                        AS s (slot)
-              WHERE NOT EXISTS (SELECT 1 FROM taken AS t WHERE t.user_id = w.user_id AND t.slot = s.slot)
-         ), slotted AS (
-             SELECT w.ord, f.slot FROM wanting AS w JOIN free AS f USING (user_id, nth)
-         ), limited_job AS (
+                                  $7::text[], $8::timestamptz[], $9::bytea[])
+                 AS i (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, ticket)
+         ), job AS (
              INSERT INTO public.tradeeon_jobs
-                 (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, in_flight_slot)
-             SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, slot
-               FROM input JOIN slotted USING (ord)
-             ON CONFLICT (user_id, in_flight_slot) WHERE active AND in_flight_slot IS NOT NULL DO NOTHING
+                 (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
+             SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING ",
         // Not `*`: the payload (the encrypted credentials) need not be copied back.
         job_columns!(),
         ", run_at
-         ), unlimited_job AS (
-             INSERT INTO public.tradeeon_jobs
-                 (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at)
-             SELECT id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at FROM input
-              WHERE max_in_flight IS NULL AND (writes_per_minute IS NULL OR ord IN (SELECT ord FROM let_through))
-             ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING ",
-        job_columns!(),
-        ", run_at
-         ), job AS (
-             SELECT * FROM limited_job UNION ALL SELECT * FROM unlimited_job
          ), ticket AS (
              INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority)
              SELECT job.id, $10, input.ticket, 'Pending', 0, $11, job.run_at, 0 FROM job JOIN input USING (id)
          )
-         SELECT input.ord,
-                CASE WHEN job.id IS NOT NULL THEN 'enqueued'
-                     WHEN input.writes_per_minute IS NOT NULL AND input.ord NOT IN (SELECT ord FROM let_through)
-                         THEN 'over_budget'
-                     WHEN slotted.ord IS NOT NULL THEN 'lost_slot'
-                     WHEN input.ord IN (SELECT ord FROM wanting) THEN 'jobs_in_flight'
-                     ELSE 'duplicate' END AS outcome,
-                budget_wait.writes_wait, budget_wait.tests_wait, ",
-        "job.id, job.kind, job.status, job.connection_id, job.exchange, job.attempts, job.created_at, job.started_at,
-                job.finished_at, job.result, job.error
-           FROM input
-           LEFT JOIN job USING (id)
-           LEFT JOIN slotted USING (ord)
-           LEFT JOIN budget_wait ON budget_wait.user_id = input.user_id
-          ORDER BY input.ord"
+         SELECT ",
+        job_columns!(),
+        " FROM job"
     ))
     .bind(&ids)
     .bind(&kinds)
@@ -305,35 +118,17 @@ async fn insert_rows(db: impl sqlx::PgExecutor<'_>, jobs: &[NewJob]) -> Result<(
     .bind(&tickets)
     .bind(QUEUE)
     .bind(RetryPolicy::TICKET.max_attempts)
-    .bind(&caps)
-    .bind(&writes)
-    .bind(&tests)
     .fetch_all(db)
     .await?;
-    if rows.len() != n {
-        return Err(StoreError::Database(sqlx::Error::Protocol(
-            "the enqueue answered the wrong number of rows".into(),
-        )));
-    }
-    let outcomes = rows
-        .iter()
-        .map(|row| {
-            Ok(match row.try_get::<&str, _>("outcome")? {
-                "enqueued" => Enqueued::Job(job_from_row(row)?),
-                "over_budget" => Enqueued::Refused(budget_refusal(row)?),
-                "lost_slot" => Enqueued::LostSlot,
-                "jobs_in_flight" => Enqueued::Refused(Limit::JobsInFlight),
-                _ => Enqueued::Duplicate,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let records = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+    let inserted: HashSet<JobId> = records.iter().map(|record| record.id).collect();
     let due = jobs
         .iter()
-        .zip(&outcomes)
-        .filter(|(_, outcome)| matches!(outcome, Enqueued::Job(_)))
-        .filter_map(|(job, _)| wakeup_payload(QUEUE, job.id.0, run_at(job)))
+        .filter(|job| inserted.contains(&job.id))
+        .filter_map(|job| wakeup_payload(QUEUE, job.id.0, run_at(job)))
         .collect();
-    Ok((outcomes, due))
+    let keyed = records.into_iter().map(|record| (record.id, record)).collect();
+    Ok((in_order(&jobs.iter().map(|job| job.id).collect::<Vec<_>>(), keyed), due))
 }
 
 fn run_at(job: &NewJob) -> DateTime<Utc> {
@@ -576,7 +371,7 @@ impl PgStore {
 /// the same kind into one statement per batch (see [`super::coalesce`]).
 #[derive(Clone, Debug)]
 pub(super) struct PgBatches {
-    enqueue: Coalescer<NewJob, Enqueued>,
+    enqueue: Coalescer<NewJob, Option<JobRecord>>,
     get_job: Coalescer<(JobId, UserId), Option<JobRecord>>,
     claim: Coalescer<JobId, Option<ClaimedJob>>,
     finish: Coalescer<(JobId, JobOutcome, Option<TicketId>), bool>,

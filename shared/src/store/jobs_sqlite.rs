@@ -9,13 +9,10 @@ use sqlx::{Row, SqliteConnection};
 
 use super::jobs::{QueueStats, TicketState, due_second};
 use super::sqlite::{SqliteStore, begin_write, parse_json, parse_opt_ts, parse_ts, parse_uuid, ts};
-use super::{
-    AuditAction, AuditEntryInput, Limit, Result, ServiceTx, StoreError, UserContext, decode_error, parse_column,
-};
+use super::{AuditAction, AuditEntryInput, Result, ServiceTx, UserContext, decode_error, parse_column};
 use crate::domain::{ConnectionId, UserId};
 use crate::jobs::{
-    Budgets, ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, Requester,
-    TicketId,
+    ClaimedJob, JobId, JobOutcome, JobPayload, JobRecord, JobStatus, JobTicket, NewJob, QUEUE, Requester, TicketId,
 };
 use crate::retry::RetryPolicy;
 
@@ -25,33 +22,14 @@ macro_rules! job_columns {
     };
 }
 
-/// Inserts the record and pushes its ticket. A job with [`UserLimits`](crate::jobs::UserLimits)
-/// is first charged to the user's budgets (when it carries a charge) and then takes a free
-/// in-flight slot; the write transaction (`BEGIN IMMEDIATE`) holds every other writer off
-/// meanwhile. A refusal leaves the charge written: commit to keep it.
 pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Result<Option<JobRecord>> {
     let payload = serde_json::to_string(&job.payload).map_err(|e| decode_error("payload", e))?;
     let now = Utc::now();
-    let mut slot = None;
-    if let Some(limits) = job.limits {
-        if let Some(budgets) = limits.charge {
-            charge(conn, job.user_id, budgets, now).await?;
-        }
-        let taken: Vec<i64> = sqlx::query_scalar(
-            "SELECT in_flight_slot FROM tradeeon_jobs
-              WHERE user_id = ?1 AND status IN ('queued', 'running') AND in_flight_slot IS NOT NULL",
-        )
-        .bind(job.user_id.0.to_string())
-        .fetch_all(&mut *conn)
-        .await?;
-        let free = (0..i64::from(limits.max_in_flight)).find(|s| !taken.contains(s));
-        slot = Some(free.ok_or(StoreError::OverLimit(Limit::JobsInFlight))?);
-    }
     let run_at = job.run_at.unwrap_or(now);
     let row = sqlx::query(concat!(
         "INSERT INTO tradeeon_jobs
-             (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, created_at, in_flight_slot)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             (id, kind, user_id, connection_id, exchange, payload, idempotency_key, run_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING ",
         job_columns!()
@@ -65,60 +43,12 @@ pub(super) async fn insert_job(conn: &mut SqliteConnection, job: &NewJob) -> Res
     .bind(job.idempotency_key.as_deref())
     .bind(ts(run_at))
     .bind(ts(now))
-    .bind(slot)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(None) };
     let record = job_from_row(&row)?;
     push_ticket(conn, job.id, job.id.0, run_at).await?;
     Ok(Some(record))
-}
-
-/// Charges one request of `user` to its budgets (GCRA, as on PostgreSQL: a budget's time moves
-/// on by a minute / the figure per request let through and may run at most a minute ahead of
-/// now). Refused: nothing is written.
-pub(super) async fn charge(
-    conn: &mut SqliteConnection,
-    user: UserId,
-    budgets: Budgets,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT writes_at, tests_at FROM tradeeon_user_budgets WHERE user_id = ?1")
-            .bind(user.0.to_string())
-            .fetch_optional(&mut *conn)
-            .await?;
-    let (writes_at, tests_at) = match row {
-        Some((writes, tests)) => (parse_ts("writes_at", &writes)?, parse_ts("tests_at", &tests)?),
-        None => (now, now),
-    };
-    let minute = chrono::Duration::minutes(1);
-    let every = |per_minute: u32| minute / i32::try_from(per_minute.max(1)).unwrap_or(i32::MAX);
-    // The budget's time after this request, and how long past a minute from now that is.
-    let after = |at: DateTime<Utc>, per_minute: u32| {
-        let next = at.max(now) + every(per_minute);
-        (next, next - now - minute)
-    };
-    let (writes_next, writes_over) = after(writes_at, budgets.writes_per_minute);
-    let tests = budgets.tests_per_minute.map(|per_minute| after(tests_at, per_minute));
-    let over = |d: chrono::Duration| d.to_std().ok().filter(|d| !d.is_zero());
-    let tests_over = tests.and_then(|(_, over_by)| over(over_by));
-    if let Some(wait) = tests_over.filter(|t| over(writes_over).is_none_or(|w| *t > w)) {
-        return Err(StoreError::OverLimit(Limit::Tests { retry_after: wait }));
-    }
-    if let Some(wait) = over(writes_over) {
-        return Err(StoreError::OverLimit(Limit::Writes { retry_after: wait }));
-    }
-    sqlx::query(
-        "INSERT INTO tradeeon_user_budgets (user_id, writes_at, tests_at) VALUES (?1, ?2, ?3)
-         ON CONFLICT (user_id) DO UPDATE SET writes_at = excluded.writes_at, tests_at = excluded.tests_at",
-    )
-    .bind(user.0.to_string())
-    .bind(ts(writes_next))
-    .bind(ts(tests.map_or(tests_at, |(next, _)| next)))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// A worker's acknowledgement of the ticket it ran: the ticket is deleted (the job record keeps

@@ -70,9 +70,6 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A per-user limit refused the write; nothing but the budget's charge was written.
-    #[error("over a per-user limit: {0:?}")]
-    OverLimit(Limit),
     #[error("database error")]
     Database(#[source] sqlx::Error),
     /// Applying migrations failed; `what` says whose (the job queue's or ours).
@@ -110,17 +107,6 @@ pub enum StoreError {
     /// `DATABASE_APP_URL` cannot be provisioned as given.
     #[error("DATABASE_APP_URL: {0}")]
     AppRole(&'static str),
-}
-
-/// Which per-user limit refused a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    /// `MAX_JOBS_IN_FLIGHT_PER_USER` of the user's jobs are queued or running.
-    JobsInFlight,
-    /// The write budget is spent until `retry_after` from now.
-    Writes { retry_after: std::time::Duration },
-    /// The connection-test quota is spent until `retry_after` from now.
-    Tests { retry_after: std::time::Duration },
 }
 
 impl From<sqlx::Error> for StoreError {

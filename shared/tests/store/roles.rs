@@ -11,7 +11,7 @@ use std::future::Future;
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 use tradeeon_shared::domain::{AuditAction, ConnectionId, ConnectionStatus, Exchange, UserId};
-use tradeeon_shared::jobs::{Budgets, JobPayload, NewJob, UserLimits};
+use tradeeon_shared::jobs::{JobPayload, NewJob};
 use tradeeon_shared::store::{AuditEntryInput, HealthRecord, StatusUpdate, Store, StoreError, UserContext};
 
 use crate::harness::{admin_url, creds, new_connection, new_user, with_postgres_database};
@@ -205,7 +205,6 @@ async fn rest_roles_cannot_write_any_table(s: Supabase) {
         "tradeeon_jobs",
         "kraken_nonces",
         "health_sweeps",
-        "tradeeon_user_budgets",
         "_tradeeon_migrations",
         "jobs",
         "workers",
@@ -327,7 +326,6 @@ async fn owner_connection_sees_no_rows(s: Supabase) {
         "tradeeon_jobs",
         "kraken_nonces",
         "health_sweeps",
-        "tradeeon_user_budgets",
     ] {
         let behind: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM public.{table}")))
             .fetch_one(&s.superuser)
@@ -388,17 +386,6 @@ async fn service_login_serves_users_and_workers_but_not_the_schema(s: Supabase) 
     );
     app.enqueue_job(&job).await.unwrap().expect("enqueued");
     assert!(app.claim_job(job.id).await.unwrap().is_some(), "claimed");
-    // What the API does for a user: a job held to the caps and charged to the budgets in its
-    // statement, and a write charged on its own.
-    let budgets = Budgets { writes_per_minute: 60, tests_per_minute: Some(10) };
-    let limited = NewJob::new(
-        s.bob.user_id,
-        Exchange::Binance,
-        JobPayload::Test { exchange: Exchange::Binance, credentials: creds("l"), requested_by: None },
-    )
-    .limited(UserLimits { max_in_flight: 10, charge: Some(budgets) });
-    app.enqueue_job(&limited).await.unwrap().expect("a limited job is enqueued");
-    app.charge_write(s.bob.user_id, 60).await.expect("a write is charged");
     let slot = chrono::Utc::now();
     assert!(app.claim_sweep(slot, "worker-1").await.unwrap());
     assert!(app.complete_sweep(slot).await.unwrap());
