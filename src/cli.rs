@@ -217,8 +217,9 @@ async fn serve(mut config: Config, role: Role) -> anyhow::Result<()> {
     store.check_service_role().await.context("DATABASE_URL's role cannot run the service")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let shutdown = shutdown_signal()?;
     tokio::spawn(async move {
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutdown requested; draining");
         let _ = stop_tx.send(true);
     });
@@ -345,6 +346,7 @@ async fn healthcheck(config: &Config) -> anyhow::Result<()> {
 
 async fn simulate(host: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
     use tradeeon_simulator::{SimState, Simulator};
+    let shutdown = shutdown_signal()?;
     let state = Arc::new(SimState::seeded());
     let simulator = Simulator::start_on(state.clone(), host, port)
         .await
@@ -354,7 +356,7 @@ async fn simulate(host: std::net::IpAddr, port: u16) -> anyhow::Result<()> {
         println!("  export {variable}={value}");
     }
     println!("\nSeeded test keys:\n{}", state.test_keys_summary());
-    shutdown_signal().await;
+    shutdown.await;
     drop(simulator);
     Ok(())
 }
@@ -380,24 +382,24 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// SIGTERM is what ECS sends on deploy and scale-in; Ctrl-C is for people.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM is what ECS sends on deploy and scale-in; Ctrl-C is for people. The handlers are
+/// installed by this call, not when the returned future is first polled: a SIGTERM that comes
+/// right after start-up, before a spawned task has run, must drain the process, not kill it.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("could not handle SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("could not handle SIGINT")?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        })
     }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
